@@ -1,0 +1,28 @@
+# The two set-up commands of the README. Both create or reuse .venv/ at the repository root.
+# pip's find-links are switched off: this machine's find-links hold a +cpu torch wheel with
+# which torchvision 0.28 fails to import (FINDINGS: the install trap).
+PY ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+PIPENV := PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= PIP_NO_FIND_LINKS=1
+
+.PHONY: venv serve test lint
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
+	$(PIPENV) $(VENV)/bin/pip install -q --upgrade pip
+	$(PIPENV) $(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/python -c "import torch, torchvision; assert '+cpu' not in torch.__version__, torch.__version__"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/slim serve
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check slimcore api worker tests bench
+	$(VENV)/bin/python -m pytest -q -ra
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check slimcore api worker tests bench

@@ -1,0 +1,112 @@
+"""The job spec (version 1): the one model behind validation, the CLI and the OpenAPI schema.
+
+Torch-free on purpose: the API process validates specs without importing torch.
+Unknown fields are rejected at every level (``extra="forbid"``), as the contract demands.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+METHOD_NAMES = ("l1", "group_lasso", "ista", "receding", "polarization")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MethodSpec(_Strict):
+    """Sparsity method and its parameters.
+
+    ``strength`` is λ (L1, group lasso, polarization), ρ (ISTA) or κ (receding). When left out, each
+    method uses its paper's default. ``group``: for ``l1``, regularize each coupled channel group by the
+    aggregate of its |γ| instead of each γ alone (the group-level form).
+    """
+
+    name: Literal["l1", "group_lasso", "ista", "receding", "polarization"] = "l1"
+    strength: Annotated[float, Field(gt=0, le=10)] | None = None
+    group: bool = False
+    # polarization's t, receding's offset b, ISTA's rescaling α
+    t: Annotated[float, Field(gt=0)] = 1.2
+    offset: float = 0.0
+    alpha: Annotated[float, Field(gt=0)] = 1.0
+
+
+class TrainSpec(_Strict):
+    epochs: Annotated[int, Field(ge=0, le=10_000)] = 10
+    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 64
+    lr: Annotated[float, Field(gt=0, le=10)] = 0.01
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+
+
+class PruneSpec(_Strict):
+    """How much to remove.
+
+    ``channels``: fraction of prunable channels; ``flops``/``params``: fraction of the model's FLOPs or
+    parameters; ``threshold``: remove channels whose importance (|γ|) is below ``amount``.
+    """
+
+    target: Literal["channels", "flops", "params", "threshold"] = "channels"
+    amount: Annotated[float, Field(ge=0)] = 0.5
+    min_channels: Annotated[int, Field(ge=1)] = 4
+    round_to: Annotated[int, Field(ge=1)] = 1
+    ignore: list[str] = Field(default_factory=list, description="module-name globs never pruned")
+
+    @model_validator(mode="after")
+    def _fraction(self) -> PruneSpec:
+        if self.target != "threshold" and not (0 < self.amount < 1):
+            raise ValueError(f"prune.amount must be in (0, 1) for target {self.target!r}, got {self.amount}")
+        return self
+
+
+class ExportSpec(_Strict):
+    format: Literal["same", "torchscript", "pt2", "onnx"] = "same"
+
+
+class JobSpec(_Strict):
+    version: Literal[1] = 1
+    input_shape: list[Annotated[int, Field(ge=1, le=65_536)]] | None = Field(
+        default=None, description="e.g. [1, 3, 32, 32]; required for TorchScript; batch is never pinned"
+    )
+    task: Literal["classification", "distillation"] = "classification"
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    sparse_training: TrainSpec = Field(default_factory=TrainSpec)
+    prune: PruneSpec = Field(default_factory=PruneSpec)
+    finetune: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=5, lr=0.001))
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    seed: int = 0
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and not (2 <= len(v) <= 5):
+            raise ValueError("input_shape needs 2 to 5 dimensions, batch first, e.g. [1, 3, 32, 32]")
+        return v
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line naming the field at fault, for the CLI and problem+json details."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "spec"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{loc}: {msg}")
+    return "invalid spec: " + "; ".join(parts)
+
+
+def parse_spec(data: str | bytes | dict[str, Any]) -> JobSpec:
+    """Parse JSON text or a dict; raises SlimError with a one-line reason."""
+    from .errors import SlimError
+
+    try:
+        if isinstance(data, dict):
+            return JobSpec.model_validate(data)
+        return JobSpec.model_validate_json(data)
+    except ValidationError as err:
+        raise SlimError(format_validation_error(err), kind="invalid-spec") from None

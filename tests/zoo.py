@@ -1,0 +1,81 @@
+"""Test models: torchvision architectures and a small CNN, with BatchNorm parameters randomized.
+
+Random init leaves every γ at 1 (Torch-Pruning then silently prunes nothing, FINDINGS), so γ, β and the
+running statistics are drawn at random to make importance rankings and parity checks meaningful.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+ARCHS = ["resnet18", "vgg11_bn", "mobilenet_v2", "densenet121", "efficientnet_b0", "shufflenet_v2_x0_5",
+         "regnet_x_400mf"]
+FORMATS = ["script", "trace", "pt2"]
+
+
+class SmallCNN(nn.Module):
+    """A digits-sized CNN: conv-bn-relu blocks, a pool, a flatten and a linear head."""
+
+    def __init__(self, in_ch: int = 1, num_classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_ch, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1, bias=False), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 4 * 4, 64), nn.BatchNorm1d(64), nn.ReLU(),
+                                  nn.Linear(64, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=g) * 1.5 + 0.05)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    return model
+
+
+def make_model(name: str, num_classes: int = 10, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    if name == "smallcnn":
+        model: nn.Module = SmallCNN(num_classes=num_classes)
+    else:
+        model = getattr(torchvision.models, name)(num_classes=num_classes)
+    return randomize_bn(model, seed).eval()
+
+
+def input_shape(name: str) -> tuple[int, ...]:
+    return (1, 1, 8, 8) if name == "smallcnn" else (1, 3, 64, 64)
+
+
+def save_model(model: nn.Module, fmt: str, path: Path, example: torch.Tensor) -> Path:
+    """Write ``model`` as a user would upload it: scripted, traced or a torch.export program."""
+    model = model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if fmt == "script":
+            torch.jit.save(torch.jit.script(model), str(path))
+        elif fmt == "trace":
+            torch.jit.save(torch.jit.trace(model, example), str(path))
+        elif fmt == "pt2":
+            batch = torch.export.Dim("batch", min=1, max=1024)
+            ex = torch.cat([example, example]) if example.shape[0] == 1 else example
+            ep = torch.export.export(model, (ex,), dynamic_shapes={"x": {0: batch}})
+            torch.export.save(ep, str(path))
+        else:
+            raise ValueError(fmt)
+    return path
