@@ -1,0 +1,46 @@
+"""Size and speed of a model: parameters, FLOPs (``torch.utils.flop_counter``) and CPU latency."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward pass at the given input (batch 1 by convention in reports)."""
+    was = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as fc:
+            model(x)
+    finally:
+        model.train(was)
+    return int(fc.get_total_flops())
+
+
+@torch.no_grad()
+def cpu_latency_ms(model: nn.Module, x: torch.Tensor, *, repeat: int = 20, warmup: int = 3) -> float:
+    """Median wall time of a batch-1 forward on CPU, in milliseconds.
+
+    A copy is moved to CPU so the training device and the caller's model are untouched.
+    """
+    m = copy.deepcopy(model).cpu().float().eval()
+    x = x[:1].detach().cpu().float()
+    for _ in range(warmup):
+        m(x)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        m(x)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)

@@ -1,0 +1,35 @@
+"""Network slimming (Liu et al. 2017): λ·sign(γ) added to every BatchNorm γ's gradient.
+
+One fused ``torch._foreach_*`` call for all γ, no host syncs (FINDINGS: 0.17 ms per step on ResNet-50
+versus 0.44 ms for Torch-Pruning's per-layer loop). β is never penalised. ``group=True`` is the
+group-level form: the same penalty, but coupled channels are ranked by the mean of their |γ|.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..spec import MethodSpec
+from . import METHODS, Method, MethodContext
+
+DEFAULT_LAMBDA = 1e-4  # the paper's VGG value; ResNets used 1e-5
+
+
+class L1(Method):
+    def __init__(self, spec: MethodSpec, ctx: MethodContext) -> None:
+        self.strength = spec.strength if spec.strength is not None else DEFAULT_LAMBDA
+        self.reduce = "mean" if spec.group else "max"
+        self.gammas = [bn.weight for bn in ctx.bns if bn.weight is not None and bn.weight.requires_grad]
+
+    def after_backward(self) -> None:
+        params = [g for g in self.gammas if g.grad is not None]
+        if not params:
+            return
+        grads = [g.grad for g in params]
+        signs = torch._foreach_sign([g.detach() for g in params])
+        torch._foreach_add_(grads, signs, alpha=self.strength)
+
+
+@METHODS.register("l1")
+def make_l1(spec: MethodSpec, ctx: MethodContext) -> Method:
+    return L1(spec, ctx)

@@ -1,0 +1,176 @@
+"""The whole slimming job: import → sparse training → pruning → fine-tuning → export → report.
+
+``slim run`` and the service's worker both call :func:`run_job`; the worker passes ``progress`` and
+``should_stop`` callbacks. Every way a job could 'succeed' while doing nothing useful (no BatchNorm,
+all γ equal, nothing removed, target missed, export differing) ends in an error or a report warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import export as _export  # noqa: F401  (registers exporters)
+from . import lift as _lift  # noqa: F401
+from .data import load_dataset
+from .errors import NothingToPrune, SlimError
+from .export import EXPORTERS, rel_error
+from .formats import detect_format
+from .groups import all_bns, build_groups
+from .lift import IMPORTERS, Imported
+from .measure import count_flops, count_params, cpu_latency_ms
+from .methods import METHODS, MethodContext
+from .prune import apply, plan
+from .report import ReportBuilder, gamma_snapshot, layer_table
+from .spec import JobSpec
+from .train import device_of, evaluate, fit
+
+PHASES = ("importing", "sparse_training", "pruning", "finetuning", "exporting")
+ProgressFn = Callable[[str, float, dict[str, Any]], None]
+
+
+def _load_plugins() -> None:
+    """Importers and exporters register themselves on import; missing optional ones are skipped."""
+    import importlib
+
+    for mod in ("slimcore.lift.torchscript", "slimcore.lift.exported", "slimcore.export.pt2",
+                "slimcore.export.torchscript"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def import_model(path: Path, spec: JobSpec) -> Imported:
+    _load_plugins()
+    fmt = detect_format(path)
+    if fmt not in IMPORTERS:
+        raise SlimError(f"{fmt} models are not supported yet (supported: {', '.join(IMPORTERS.names())})")
+    shape = tuple(spec.input_shape) if spec.input_shape else None
+    return IMPORTERS.get(fmt)(path, shape)
+
+
+def _stage(model: torch.nn.Module, ev: Any, example: torch.Tensor, timed: bool = True) -> dict[str, Any]:
+    return {**ev.as_dict(), "params": count_params(model), "flops": count_flops(model, example[:1].to(
+        next(model.parameters()).device)), "latency_ms": round(cpu_latency_ms(model, example), 4) if timed else None}
+
+
+def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
+            workdir: Path | None = None, progress: ProgressFn | None = None,
+            should_stop: Callable[[], bool] | None = None, device: str | None = None) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    torch.manual_seed(spec.seed)
+    say: ProgressFn = progress or (lambda phase, frac, metrics: None)
+    say("importing", 0.0, {})
+    imported = import_model(model_path, spec)
+    model = imported.module
+    data = load_dataset(data_path, task=spec.task, input_shape=imported.input_shape, seed=spec.seed,
+                        workdir=workdir)
+    example = data.x_train[:2].clone()
+    _check_fit(model, data, spec)
+    dev = device_of(device)
+    teacher = copy.deepcopy(model).eval() if spec.task == "distillation" else None
+    reference = copy.deepcopy(model).eval()
+    gs = build_groups(model, example, spec.prune.ignore)
+    bns = all_bns(model)
+    method = METHODS.get(spec.method.name)(spec.method, MethodContext(model, gs, [b for _, b in bns]))
+    rb = ReportBuilder({"name": spec.method.name, **method.describe()})
+    for root, why in gs.skipped.items():
+        rb.warn(f"layer {root} is not pruned: {why}")
+    gamma0 = gamma_snapshot(bns)
+    ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev)
+    rb.stage("baseline", **_stage(model, ev, example))
+
+    def fit_phase(phase: str, train_spec: Any, meth: Any) -> None:
+        epochs = max(train_spec.epochs, 1)
+
+        def report(m: dict[str, float]) -> None:
+            say(phase, min(m.get("epoch", 0) / epochs, 1.0), m)
+
+        fit(model, data.x_train, data.y_train, train_spec, task=spec.task, teacher=teacher, method=meth,
+            device=dev, seed=spec.seed, progress=report, should_stop=should_stop)
+
+    say("sparse_training", 0.0, {})
+    fit_phase("sparse_training", spec.sparse_training, method)
+    ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev)
+    rb.stage("sparse", **_stage(model, ev, example))
+    gamma1 = gamma_snapshot(bns)
+
+    say("pruning", 0.0, {})
+    model.cpu().float()
+    gs.to(torch.device("cpu"))
+    imps = torch.cat([g.importance(method.reduce) for g in gs.groups])
+    if float(imps.max() - imps.min()) <= 1e-12:
+        raise NothingToPrune("all BatchNorm γ are equal (an untrained network?), so |γ| cannot rank channels; "
+                             "run sparse training (sparse_training.epochs > 0) or upload a trained model")
+    p = plan(model, gs, spec.prune, method.reduce, example)
+    if p.removed_channels == 0:
+        raise NothingToPrune(f"nothing to remove: no channel's importance is below the threshold "
+                             f"({spec.prune.target}={spec.prune.amount:g}); lower min_channels, raise the amount "
+                             f"or train longer with a stronger penalty")
+    for w in p.warnings:
+        rb.warn(w)
+    val = data.x_val[:512]
+    with torch.no_grad():
+        before = reference(val)
+    calib = list(data.x_train[:512].split(128))
+    apply(model, gs, p.remove, calib)
+    model.eval()
+    with torch.no_grad():
+        after_ = model(val)
+    deviation = float((after_ - before).abs().max())
+    ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev)
+    rb.stage("pruned", **_stage(model, ev, example))
+    say("pruning", 1.0, {"removed_channels": p.removed_channels})
+
+    say("finetuning", 0.0, {})
+    fit_phase("finetuning", spec.finetune, None)
+    ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev)
+    rb.stage("finetuned", **_stage(model, ev, example))
+
+    say("exporting", 0.0, {})
+    fmt = imported.fmt if spec.export.format == "same" else spec.export.format
+    model.cpu().float().eval()
+    EXPORTERS.get(fmt)(model, imported, out_path, example)
+    channels_after = {name: int(bn.num_features) for name, bn in bns}
+    base, fin = rb.stages["baseline"], rb.stages["finetuned"]
+    if spec.task == "classification" and base["accuracy"] is not None and fin["accuracy"] is not None \
+            and fin["accuracy"] < base["accuracy"] - 0.05:
+        rb.warn(f"accuracy dropped from {base['accuracy']:.3f} to {fin['accuracy']:.3f} after fine-tuning; "
+                f"consider more fine-tuning epochs or a smaller amount")
+    rb.extra.update({
+        "format": {"in": imported.fmt, "out": fmt},
+        "target": {"kind": p.target, "requested": p.requested, "achieved": round(p.achieved, 6)},
+        "removed_channels": p.removed_channels,
+        "output_deviation_relative": rel_error(after_, before),
+        "data": {"train": int(data.x_train.shape[0]), "val": int(data.x_val.shape[0]), "val_source": data.val_source},
+        "device": str(dev), "wall_seconds": round(time.perf_counter() - t_start, 3),
+        "not_pruned": gs.skipped, "output_layers": gs.output_layers,
+    })
+    report = rb.build(threshold=p.threshold, layers=layer_table(gamma0, gamma1, channels_after, p.threshold),
+                      model_bytes={"before": model_path.stat().st_size, "after": out_path.stat().st_size},
+                      output_deviation=deviation)
+    say("exporting", 1.0, {})
+    return report
+
+
+def _check_fit(model: torch.nn.Module, data: Any, spec: JobSpec) -> None:
+    try:
+        with torch.no_grad():
+            out = model.eval()(data.x_train[:2])
+    except Exception as e:
+        raise SlimError(f"the data does not fit the model: running samples of shape "
+                        f"{tuple(data.x_train.shape[1:])} failed ({str(e).splitlines()[0][:200]})") from None
+    if spec.task == "classification" and data.y_train is not None:
+        if out.dim() != 2:
+            raise SlimError(f"task 'classification' needs (batch, classes) outputs; the model gives "
+                            f"{tuple(out.shape)}; use task 'distillation'")
+        top = int(max(data.y_train.max(), data.y_val.max() if data.y_val is not None else 0))
+        if top >= out.shape[1]:
+            raise SlimError(f"labels go up to {top} but the model outputs {out.shape[1]} classes")
