@@ -1,0 +1,40 @@
+"""Shared fixtures: the digits data and a trained digits CNN are built once per session (seconds on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.zoo import digits_npz
+
+    return digits_npz(tmp_path_factory.mktemp("digits") / "digits.npz")
+
+
+@pytest.fixture(scope="session")
+def digits_cnn(digits: Path):
+    from tests.zoo import trained_digits_cnn
+
+    return trained_digits_cnn(digits)
+
+
+def run_slim(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the installed ``slim`` command as a user would."""
+    exe = Path(sys.executable).with_name("slim")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def write_spec(path: Path, **fields: object) -> Path:
+    path.write_text(json.dumps(fields))
+    return path
