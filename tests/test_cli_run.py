@@ -60,8 +60,9 @@ def _bad(tmp_path: Path, model: Path, spec: dict | str, data: Path) -> str:
     sp.write_text(spec if isinstance(spec, str) else json.dumps(spec))
     r = run_slim("run", str(model), "--spec", str(sp), "--data", str(data), "-o", str(tmp_path / "out.bin"))
     assert r.returncode != 0
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, r.stderr
+    # progress lines ("[hh:mm:ss] phase …") may precede it; the failure itself is exactly one line
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip() and not ln.startswith("[")]
+    assert len(lines) == 1 and lines[0].startswith("slim: error: "), r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "out.bin").exists()
     return lines[0]

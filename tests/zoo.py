@@ -74,7 +74,7 @@ def save_model(model: nn.Module, fmt: str, path: Path, example: torch.Tensor) ->
         elif fmt == "pt2":
             batch = torch.export.Dim("batch", min=1, max=1024)
             ex = torch.cat([example, example]) if example.shape[0] == 1 else example
-            ep = torch.export.export(model, (ex,), dynamic_shapes={"x": {0: batch}})
+            ep = torch.export.export(model, (ex,), dynamic_shapes=({0: batch},))
             torch.export.save(ep, str(path))
         else:
             raise ValueError(fmt)
