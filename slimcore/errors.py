@@ -42,3 +42,7 @@ class NothingToPrune(SlimError):
     """The job would succeed while removing nothing: FINDINGS calls this a silent no-op."""
 
     kind = "nothing-to-prune"
+
+
+class JobCanceled(Exception):
+    """Raised inside the pipeline when the caller's ``should_stop`` says so; not a failure."""

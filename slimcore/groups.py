@@ -68,10 +68,10 @@ class ChannelGroup:
                 acc.index_add_(0, b.root_idx, b.module.weight.detach().abs().float()[b.bn_idx])
                 cnt.index_add_(0, b.root_idx, torch.ones_like(b.root_idx, dtype=torch.float32))
             return acc / cnt.clamp_min(1)
-        out = torch.full((self.size,), float("-inf"), device=dev)
+        out = torch.zeros(self.size, device=dev)  # |γ| ≥ 0, so 0 is a neutral start for max
         for b in self.bns:
-            out.index_reduce_(0, b.root_idx, b.module.weight.detach().abs().float()[b.bn_idx], "amax")
-        return out.clamp_min(0)
+            out.scatter_reduce_(0, b.root_idx, b.module.weight.detach().abs().float()[b.bn_idx], reduce="amax")
+        return out
 
 
 @dataclass

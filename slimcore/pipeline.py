@@ -17,8 +17,9 @@ import torch
 
 from . import export as _export  # noqa: F401  (registers exporters)
 from . import lift as _lift  # noqa: F401
+from .checkpoint import CheckpointStore
 from .data import load_dataset
-from .errors import NothingToPrune, SlimError
+from .errors import JobCanceled, NothingToPrune, SlimError
 from .export import EXPORTERS, rel_error
 from .formats import detect_format
 from .groups import all_bns, build_groups
@@ -61,13 +62,23 @@ def _stage(model: torch.nn.Module, ev: Any, example: torch.Tensor, timed: bool =
         next(model.parameters()).device)), "latency_ms": round(cpu_latency_ms(model, example), 4) if timed else None}
 
 
+def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
 def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
             workdir: Path | None = None, progress: ProgressFn | None = None,
-            should_stop: Callable[[], bool] | None = None, device: str | None = None) -> dict[str, Any]:
+            should_stop: Callable[[], bool] | None = None, device: str | None = None,
+            checkpoints: CheckpointStore | None = None) -> dict[str, Any]:
+    """Run (or resume, when ``checkpoints`` holds one) a whole job; returns the gamma report.
+
+    Raises SlimError subclasses for bad input and JobCanceled when ``should_stop`` fires.
+    """
     t_start = time.perf_counter()
     torch.manual_seed(spec.seed)
     say: ProgressFn = progress or (lambda phase, frac, metrics: None)
-    say("importing", 0.0, {})
+    ck = checkpoints.load() if checkpoints is not None else None
+    say("importing", 0.0, {"resumed_from": f"{ck['phase']}:{ck['epoch']}"} if ck else {})
     imported = import_model(model_path, spec)
     model = imported.module
     data = load_dataset(data_path, task=spec.task, input_shape=imported.input_shape, seed=spec.seed,
@@ -84,22 +95,43 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     for root, why in gs.skipped.items():
         rb.warn(f"layer {root} is not pruned: {why}")
     gamma0 = gamma_snapshot(bns)
-    ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev)
-    rb.stage("baseline", **_stage(model, ev, example))
+    if ck:
+        rb.stages.update(ck["stages"])
+        gamma0 = ck["gamma0"]
+    else:
+        ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev)
+        rb.stage("baseline", **_stage(model, ev, example))
 
-    def fit_phase(phase: str, train_spec: Any, meth: Any) -> None:
+    def fit_phase(phase: str, train_spec: Any, meth: Any, extra: dict[str, Any]) -> None:
         epochs = max(train_spec.epochs, 1)
+        resume = ck is not None and ck["phase"] == phase
 
         def report(m: dict[str, float]) -> None:
             say(phase, min(m.get("epoch", 0) / epochs, 1.0), m)
 
-        fit(model, data.x_train, data.y_train, train_spec, task=spec.task, teacher=teacher, method=meth,
-            device=dev, seed=spec.seed, progress=report, should_stop=should_stop)
+        def save(done: int, opt_state: dict) -> None:
+            if checkpoints is not None:
+                checkpoints.save({"phase": phase, "epoch": done, "model": _cpu_state(model),
+                                  "optimizer": opt_state, "stages": rb.stages, "gamma0": gamma0, **extra})
 
-    say("sparse_training", 0.0, {})
-    fit_phase("sparse_training", spec.sparse_training, method)
-    ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev)
-    rb.stage("sparse", **_stage(model, ev, example))
+        finished = fit(model, data.x_train, data.y_train, train_spec, task=spec.task, teacher=teacher,
+                       method=meth, device=dev, seed=spec.seed, progress=report, should_stop=should_stop,
+                       start_epoch=ck["epoch"] if resume else 0, opt_state=ck["optimizer"] if resume else None,
+                       on_epoch_end=save)
+        if not finished:
+            raise JobCanceled(phase)
+
+    if ck is None or ck["phase"] == "sparse_training":
+        if ck is not None:
+            model.load_state_dict(ck["model"])
+        say("sparse_training", 0.0, {})
+        fit_phase("sparse_training", spec.sparse_training, method, {})
+        ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev)
+        rb.stage("sparse", **_stage(model, ev, example))
+        sparse_state = _cpu_state(model)
+    else:
+        sparse_state = ck["sparse_final"]
+        model.load_state_dict(sparse_state)
     gamma1 = gamma_snapshot(bns)
 
     say("pruning", 0.0, {})
@@ -119,18 +151,20 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     val = data.x_val[:512]
     with torch.no_grad():
         before = reference(val)
-    calib = list(data.x_train[:512].split(128))
-    apply(model, gs, p.remove, calib)
+    apply(model, gs, p.remove, list(data.x_train[:512].split(128)))
     model.eval()
     with torch.no_grad():
         after_ = model(val)
     deviation = float((after_ - before).abs().max())
-    ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev)
-    rb.stage("pruned", **_stage(model, ev, example))
+    if ck is None or ck["phase"] == "sparse_training":
+        ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev)
+        rb.stage("pruned", **_stage(model, ev, example))
     say("pruning", 1.0, {"removed_channels": p.removed_channels})
 
+    if ck is not None and ck["phase"] == "finetuning":
+        model.load_state_dict(ck["model"])
     say("finetuning", 0.0, {})
-    fit_phase("finetuning", spec.finetune, None)
+    fit_phase("finetuning", spec.finetune, None, {"sparse_final": sparse_state})
     ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev)
     rb.stage("finetuned", **_stage(model, ev, example))
 
@@ -149,8 +183,10 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
         "target": {"kind": p.target, "requested": p.requested, "achieved": round(p.achieved, 6)},
         "removed_channels": p.removed_channels,
         "output_deviation_relative": rel_error(after_, before),
-        "data": {"train": int(data.x_train.shape[0]), "val": int(data.x_val.shape[0]), "val_source": data.val_source},
+        "data": {"train": int(data.x_train.shape[0]), "val": int(data.x_val.shape[0]),
+                 "val_source": data.val_source},
         "device": str(dev), "wall_seconds": round(time.perf_counter() - t_start, 3),
+        "resumed_from": f"{ck['phase']}:{ck['epoch']}" if ck else None,
         "not_pruned": gs.skipped, "output_layers": gs.output_layers,
     })
     report = rb.build(threshold=p.threshold, layers=layer_table(gamma0, gamma1, channels_after, p.threshold),

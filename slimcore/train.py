@@ -67,10 +67,15 @@ def _lr_at(spec: TrainSpec, it: int, total: int) -> float:
 def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, spec: TrainSpec, *, task: str,
         teacher: nn.Module | None = None, method: Method | None = None, device: torch.device | None = None,
         seed: int = 0, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
-        start_epoch: int = 0, on_epoch_end: Callable[[int], None] | None = None) -> None:
-    """Train ``model`` in place for ``spec.epochs`` epochs (from ``start_epoch``, for resumed jobs)."""
-    if spec.epochs == 0:
-        return
+        start_epoch: int = 0, opt_state: dict | None = None,
+        on_epoch_end: Callable[[int, dict], None] | None = None) -> bool:
+    """Train ``model`` in place for ``spec.epochs`` epochs; False if ``should_stop`` cut it short.
+
+    A resumed job passes ``start_epoch`` and the optimizer state saved by ``on_epoch_end(epochs_done,
+    optimizer_state)``; the learning-rate schedule is a function of the iteration, so it resumes exactly.
+    """
+    if spec.epochs == 0 or start_epoch >= spec.epochs:
+        return True
     device = device or device_of()
     _prep(model, device, x.dim())
     if teacher is not None:
@@ -81,6 +86,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, spec: TrainSp
     total = spec.epochs * steps
     opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
                           weight_decay=spec.weight_decay)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
     amp = device.type == "cuda"
     last_report = time.monotonic()
     for epoch in range(start_epoch, spec.epochs):
@@ -88,7 +95,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, spec: TrainSp
         running, seen = torch.zeros((), device=device), 0
         for step, batch in enumerate(loader):
             if should_stop is not None and should_stop():
-                return
+                return False
             it = epoch * steps + step
             lr = _lr_at(spec, it, total)
             for gr in opt.param_groups:
@@ -118,7 +125,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, spec: TrainSp
             progress({"epoch": epoch + 1.0, "loss": float(running / max(seen, 1)), "lr": lr})
             last_report = time.monotonic()
         if on_epoch_end is not None:
-            on_epoch_end(epoch + 1)
+            on_epoch_end(epoch + 1, opt.state_dict())
+    return True
 
 
 @torch.no_grad()
