@@ -81,6 +81,7 @@ class GroupSet:
     skipped: dict[str, str]  # root layer → why it is not prunable
     output_layers: list[str]
     ignore: list[str] = field(default_factory=list)
+    unprunable: dict[str, str] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> GroupSet:
         for g in self.groups:
@@ -106,8 +107,14 @@ def output_layers(gm: fx.GraphModule) -> list[str]:
     return found
 
 
-def build_groups(model: fx.GraphModule, example: torch.Tensor, ignore: list[str]) -> GroupSet:
-    """Trace dependencies and collect prunable groups; raises if the model has no BatchNorm at all."""
+def build_groups(model: fx.GraphModule, example: torch.Tensor, ignore: list[str],
+                 unprunable: dict[str, str] | None = None) -> GroupSet:
+    """Trace dependencies and collect prunable groups; raises if the model has no BatchNorm at all.
+
+    ``unprunable`` (module path → reason) comes from the importer: layers whose channels cross an op
+    channel indices cannot be mapped through (a channel shuffle); every group containing one stays whole.
+    """
+    unprunable = unprunable or {}
     names = {m: n for n, m in model.named_modules()}
     if not any(isinstance(m, BN_TYPES) for m in model.modules()):
         raise NothingToPrune(
@@ -144,6 +151,10 @@ def build_groups(model: fx.GraphModule, example: torch.Tensor, ignore: list[str]
                                   torch.tensor(item.root_idxs, dtype=torch.long)))
             elif dg.is_out_channel_pruning_fn(fn) and isinstance(mod, CONV_TYPES + (nn.Linear,)):
                 layers.append(public_name(names.get(mod, "?")))
+        for lay in layers:
+            for path, reason in unprunable.items():
+                if public_name(path) == lay and not why:
+                    why = reason
         if not why and not bns:
             why = "no BatchNorm sees these channels"
         if why:
@@ -153,7 +164,7 @@ def build_groups(model: fx.GraphModule, example: torch.Tensor, ignore: list[str]
     if not groups:
         detail = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:5]) or "no conv/linear groups found"
         raise NothingToPrune(f"no prunable channel group in the model ({detail})")
-    return GroupSet(dg, groups, skipped, [public_name(o) for o in outs], list(ignore))
+    return GroupSet(dg, groups, skipped, [public_name(o) for o in outs], list(ignore), dict(unprunable))
 
 
 def _dedupe(bns: list[BNView]) -> list[BNView]:

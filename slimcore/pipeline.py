@@ -88,7 +88,7 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     dev = device_of(device)
     teacher = copy.deepcopy(model).eval() if spec.task == "distillation" else None
     reference = copy.deepcopy(model).eval()
-    gs = build_groups(model, example, spec.prune.ignore)
+    gs = build_groups(model, example, spec.prune.ignore, imported.meta.get("unprunable"))
     bns = all_bns(model)
     method = METHODS.get(spec.method.name)(spec.method, MethodContext(model, gs, [b for _, b in bns]))
     rb = ReportBuilder({"name": spec.method.name, **method.describe()})

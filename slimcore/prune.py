@@ -141,7 +141,7 @@ def _cost_after(model: nn.Module, gs: GroupSet, remove: dict[int, torch.Tensor],
     from .groups import build_groups
 
     m2 = copy.deepcopy(model)
-    gs2 = build_groups(m2, example, gs.ignore)
+    gs2 = build_groups(m2, example, gs.ignore, gs.unprunable)
     by_name = {g.root_name: g.gid for g in gs2.groups}
     names = {g.gid: g.root_name for g in gs.groups}
     apply(m2, gs2, {by_name[names[k]]: v for k, v in remove.items()}, calib=None)

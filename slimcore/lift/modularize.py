@@ -97,7 +97,8 @@ def _conv(gm: fx.GraphModule, node: fx.Node, dims: int) -> nn.Module | None:
     groups = int(_arg(node, 6, "groups", 1))
     out_c, in_per_g = w.shape[0], w.shape[1]
     mod = _CONV_MODULES[dims](in_per_g * groups, out_c, tuple(w.shape[2:]), stride=stride, padding=pad,
-                              dilation=dilation, groups=groups, bias=b is not None)
+                              dilation=dilation, groups=groups, bias=b is not None,
+                              device="meta")  # meta: skip a random init that is overwritten anyway
     mod.weight = nn.Parameter(w.detach().clone())
     if b is not None:
         mod.bias = nn.Parameter(b.detach().clone())
@@ -134,7 +135,7 @@ def _linear(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     b = _tensor(gm, braw)
     if w is None or (braw is not None and b is None):
         return None
-    mod = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    mod = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
     mod.weight = nn.Parameter(w.detach().clone())
     if b is not None:
         mod.bias = nn.Parameter(b.detach().clone())
@@ -184,7 +185,7 @@ def modularize(gm: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:
         else:
             node.replace_all_uses_with(new)
         graph.erase_node(node)
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=mutates)
     _drop_unused_attrs(gm)
     gm.recompile()
     return gm
@@ -201,7 +202,21 @@ def _general_conv(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     fake = fx.Node(node.graph, "tmp", "call_function", aten.conv2d,
                    (node.args[0], node.args[1], node.args[2], node.args[3], node.args[4], node.args[5],
                     node.args[8]), {})
-    return _conv(gm, fake, dims)
+    try:
+        return _conv(gm, fake, dims)
+    finally:
+        fake.args = ()  # a Node registers itself as a user of its args; unhook it or DCE keeps them
+
+
+def mutates(node: fx.Node) -> bool:
+    """fx's purity test misses in-place packets without a ``.default`` overload (``aten.add_``)."""
+    if node.is_impure():
+        return True
+    t = node.target
+    if isinstance(t, torch._ops.OpOverloadPacket):
+        name = t._qualified_op_name.split("::")[-1]
+        return name.endswith("_") and not name.endswith("__")
+    return False
 
 
 class _Ranks(fx.Interpreter):
