@@ -1,17 +1,112 @@
-"""The ``slim`` command. Torch-free: ``slim run`` execs into ``python -m slimcore`` so this process (and
-the API it can start) never imports torch, and client commands start instantly.
+"""The ``slim`` command. Torch-free: ``slim run`` execs into ``python -m slimcore`` and ``slim worker``
+into ``python -m worker``, so this process (and the API it can start) never imports torch, and client
+commands start instantly.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import signal
+import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 USAGE = """usage: slim <command> [options]
 
 commands:
-  run MODEL --spec SPEC.json --data DATA -o OUT [--report REPORT.json]   the whole pipeline locally
+  run MODEL --spec SPEC.json --data DATA -o OUT [--report R.json]   the whole pipeline locally, no server
+  serve [--host 127.0.0.1] [--port 8000]                            API plus a local worker (embedded default)
+  worker                                                            a Celery worker for the configured broker
+  submit MODEL --spec SPEC.json --data DATA [--wait] [-o OUT]       submit a job to a running service
 """
+
+
+def _serve(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="slim serve")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--no-worker", action="store_true", help="API only (workers run elsewhere)")
+    args = ap.parse_args(argv)
+    import uvicorn
+
+    from .app import check_bind
+    from .settings import get_settings
+
+    settings = get_settings()
+    try:
+        check_bind(args.host, settings)
+    except Exception as e:
+        print(f"slim: error: {e}", file=sys.stderr)
+        return 2
+    worker = None
+    if not args.no_worker:
+        worker = subprocess.Popen([sys.executable, "-m", "worker"], env=os.environ.copy())
+    try:
+        uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, log_level="info")
+    finally:
+        if worker is not None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    return 0
+
+
+def _submit(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="slim submit")
+    ap.add_argument("model")
+    ap.add_argument("--spec", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--wait", action="store_true", help="poll until the job ends, then download")
+    ap.add_argument("-o", "--output", help="where to download the slimmed model (implies --wait)")
+    ap.add_argument("--url", default=os.environ.get("SLIM_URL", "http://127.0.0.1:8000"))
+    ap.add_argument("--api-key", default=os.environ.get("SLIM_API_KEY"))
+    args = ap.parse_args(argv)
+    import httpx
+
+    from .client import SlimAPIError, SlimClient
+
+    for p in (args.model, args.data, args.spec):
+        if not Path(p).is_file():
+            print(f"slim: error: file not found: {p}", file=sys.stderr)
+            return 2
+    try:
+        with SlimClient(args.url, args.api_key) as c:
+            job = c.submit(Path(args.model), Path(args.spec), Path(args.data))
+            print(f"job {job['id']} {job['status']}", file=sys.stderr)
+            if not (args.wait or args.output):
+                print(json.dumps(job))
+                return 0
+            last: dict[str, Any] = {}
+
+            def show(j: dict[str, Any]) -> None:
+                key = (j["status"], j.get("phase"), round(j.get("progress") or 0, 2))
+                if key != last.get("k"):
+                    last["k"] = key
+                    m = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in (j.get("metrics") or {}).items())
+                    print(f"{j['status']:<9} {j.get('phase') or '':<15} {100 * (j.get('progress') or 0):5.1f}% {m}",
+                          file=sys.stderr)
+
+            job = c.wait(job["id"], on_update=show)
+            if job["status"] != "succeeded":
+                err = job.get("error") or {}
+                print(f"slim: error: job {job['status']}: {err.get('detail', '')}", file=sys.stderr)
+                return 1
+            if args.output:
+                c.download(job["id"], Path(args.output))
+            print(json.dumps(job))
+            return 0
+    except SlimAPIError as e:
+        print(f"slim: error: {e}", file=sys.stderr)
+        return 2
+    except (httpx.HTTPError, OSError) as e:
+        print(f"slim: error: cannot reach {args.url}: {e}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,9 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, end="")
         return 0 if argv else 2
-    cmd = argv[0]
+    cmd, rest = argv[0], argv[1:]
     if cmd == "run":
         os.execv(sys.executable, [sys.executable, "-m", "slimcore", *argv])
+    if cmd == "worker":
+        os.execv(sys.executable, [sys.executable, "-m", "worker", *rest])
+    if cmd == "serve":
+        return _serve(rest)
+    if cmd == "submit":
+        return _submit(rest)
     print(f"slim: error: unknown command {cmd!r}\n{USAGE}", file=sys.stderr, end="")
     return 2
 

@@ -1,0 +1,111 @@
+"""A small Python client for the service (``httpx``), used by ``slim submit`` and importable by MLOps code.
+
+Retries idempotent calls on connection errors and 5xx/429 with backoff; ``submit`` sets an
+``Idempotency-Key`` for you, so retrying a submit after a dropped connection never creates two jobs.
+Uploads are streamed from disk.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+TERMINAL = ("succeeded", "failed", "canceled")
+
+
+class SlimAPIError(Exception):
+    """The server answered with a problem (RFC 9457); ``problem`` holds it."""
+
+    def __init__(self, status: int, problem: dict[str, Any]) -> None:
+        self.status, self.problem = status, problem
+        super().__init__(f"{status} {problem.get('title', '')}: {problem.get('detail', '')}".strip())
+
+
+class SlimClient:
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
+                 timeout: float = 60.0, retries: int = 4) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self.retries = retries
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> SlimClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, url: str, **kw: Any) -> httpx.Response:
+        delay = 0.5
+        for attempt in range(self.retries + 1):
+            try:
+                r = self.http.request(method, url, **kw)
+                if r.status_code not in (429, 502, 503, 504) or attempt == self.retries:
+                    break
+            except httpx.TransportError:
+                if attempt == self.retries:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 8)
+            for f in (kw.get("files") or {}).values():  # rewind streamed uploads before retrying
+                if hasattr(f[1], "seek"):
+                    f[1].seek(0)
+        if r.status_code >= 400:
+            try:
+                prob = r.json()
+            except ValueError:
+                prob = {"title": r.reason_phrase, "detail": r.text[:300]}
+            raise SlimAPIError(r.status_code, prob)
+        return r
+
+    def submit(self, model: Path, spec: dict[str, Any] | str | Path, data: Path, *,
+               idempotency_key: str | None = None) -> dict[str, Any]:
+        text = Path(spec).read_text() if isinstance(spec, Path) else spec if isinstance(spec, str) else json.dumps(spec)
+        key = idempotency_key or uuid.uuid4().hex
+        with open(model, "rb") as fm, open(data, "rb") as fd:
+            files = {"model": (Path(model).name, fm, "application/octet-stream"),
+                     "dataset": (Path(data).name, fd, "application/octet-stream")}
+            r = self._request("POST", "/jobs", data={"spec": text}, files=files, headers={"Idempotency-Key": key})
+        return r.json()
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/jobs/{job_id}").json()
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._request("POST", f"/jobs/{job_id}/cancel").json()
+
+    def report(self, job_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/jobs/{job_id}/report").json()
+
+    def wait(self, job_id: str, *, poll: float = 1.0, on_update: Callable[[dict[str, Any]], None] | None = None,
+             timeout: float | None = None) -> dict[str, Any]:
+        t0 = time.monotonic()
+        while True:
+            job = self.get(job_id)
+            if on_update is not None:
+                on_update(job)
+            if job["status"] in TERMINAL:
+                return job
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:.0f}s")
+            time.sleep(poll)
+
+    def download(self, job_id: str, dest: Path) -> Path:
+        with self.http.stream("GET", f"/jobs/{job_id}/model") as r:
+            if r.status_code >= 400:
+                r.read()
+                raise SlimAPIError(r.status_code, r.json() if r.content else {})
+            tmp = Path(dest).with_suffix(Path(dest).suffix + ".part")
+            with open(tmp, "wb") as f:
+                for chunk in r.iter_bytes(1 << 20):
+                    f.write(chunk)
+            tmp.replace(dest)
+        return Path(dest)

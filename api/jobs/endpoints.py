@@ -1,0 +1,119 @@
+"""HTTP surface of jobs, exactly as ``CONTRACT.md`` lists it; the logic lives in ``service``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+
+from ..auth import Owner
+from .report_html import CSP, render_report
+from .schemas import JobList, JobRecord
+from .service import JobService
+
+
+def get_service(request: Request) -> JobService:
+    return request.app.state.jobs
+
+
+Service = Annotated[JobService, Depends(get_service)]
+
+
+def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the problem+json answers a route can give."""
+    ref = {"schema": {"$ref": "#/components/schemas/Problem"}}
+    words = {401: "missing or invalid API key", 404: "no such job (or not yours)", 409: "not in a state for this",
+             413: "upload too large", 415: "not multipart/form-data", 422: "invalid input",
+             503: "queue unavailable"}
+    return {c: {"description": words[c], "content": {"application/problem+json": ref}} for c in codes}
+
+
+_SUBMIT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["model", "spec", "dataset"],
+                "properties": {
+                    "model": {"type": "string", "format": "binary",
+                              "description": "TorchScript, ONNX or torch.export (.pt2) file"},
+                    "spec": {"$ref": "#/components/schemas/JobSpec"},
+                    "dataset": {"type": "string", "format": "binary",
+                                "description": ".npz, or an ImageFolder .zip / .tar.gz"},
+                },
+            },
+            "encoding": {"spec": {"contentType": "application/json"}},
+        }},
+    }
+}
+
+router = APIRouter(prefix="/jobs", tags=["jobs"], responses=problems(401))
+
+
+@router.post(
+    "", status_code=202, response_model=JobRecord, openapi_extra=_SUBMIT_BODY,
+    responses=problems(409, 413, 415, 422, 503),
+    summary="Submit a model to slim",
+    description="The `spec` part is a JSON document following the JobSpec schema (unknown fields are errors). "
+                "With `Idempotency-Key`, repeating the same request returns the same job; reusing the key for "
+                "a different request is a 409.",
+)
+async def create_job(
+    request: Request, owner: Owner, service: Service,
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JSONResponse:
+    job, replayed = await service.submit(request, owner, idempotency_key)
+    headers = {"Location": f"{request.scope.get('root_path', '')}/jobs/{job.id}"}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    else:
+        request.app.state.metrics.submitted.inc()
+    return JSONResponse(JobRecord.of(job).model_dump(mode="json"), status_code=202, headers=headers)
+
+
+@router.get("", response_model=JobList, responses=problems(422), summary="List jobs, newest first")
+def list_jobs(
+    owner: Owner, service: Service,
+    status: Annotated[str | None, Query(description="one status or several, comma-separated")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
+) -> JobList:
+    rows, nxt = service.list_jobs(owner, status, limit, cursor)
+    return JobList(items=[JobRecord.of(j) for j in rows], next=nxt)
+
+
+@router.get("/{job_id}", response_model=JobRecord, responses=problems(404))
+def get_job(job_id: str, owner: Owner, service: Service) -> JobRecord:
+    return JobRecord.of(service.get(owner, job_id))
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobRecord, responses=problems(404, 409),
+             description="A queued job is canceled at once; a running one is stopped by its worker shortly.")
+def cancel_job(job_id: str, owner: Owner, service: Service) -> JobRecord:
+    return JobRecord.of(service.cancel(owner, job_id))
+
+
+@router.get("/{job_id}/model", response_class=Response, responses={
+    200: {"description": "the slimmed model", "content": {"application/octet-stream": {}}}, **problems(404, 409)})
+def download_model(job_id: str, owner: Owner, service: Service) -> Response:
+    job, filename = service.result(owner, job_id)
+    path = service.store.local_path(job.id, "result")
+    if path is not None:  # FileResponse answers Range requests, so big downloads can resume
+        return FileResponse(path, filename=filename, media_type="application/octet-stream")
+    size = service.store.size(job.id, "result")
+    return StreamingResponse(service.store.iter_read(job.id, "result"), media_type="application/octet-stream",
+                             headers={"Content-Disposition": f'attachment; filename="{filename}"',
+                                      "Content-Length": str(size)})
+
+
+@router.get("/{job_id}/report", responses=problems(404, 409), summary="The gamma report (JSON, version 1)")
+def get_report(job_id: str, owner: Owner, service: Service) -> JSONResponse:
+    return JSONResponse(service.report(owner, job_id))
+
+
+@router.get("/{job_id}/report.html", response_class=HTMLResponse, responses=problems(404, 409))
+def get_report_html(job_id: str, owner: Owner, service: Service) -> HTMLResponse:
+    report = service.report(owner, job_id)
+    return HTMLResponse(render_report(job_id, report), headers={"Content-Security-Policy": CSP})

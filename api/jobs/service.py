@@ -1,0 +1,233 @@
+"""Job use cases: submit, look up, list, cancel, fetch artifacts.
+
+Ordering on submit is what makes the service crash-safe: files are stored first, then the job row is
+committed as ``queued``, and only then is the broker told. A worker can never receive an id with no
+row, and a row whose message was lost is found again by ``JobRepository.stale_jobs``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import re
+import uuid
+from datetime import datetime
+from typing import Any
+
+from celery import Celery
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from slimcore.spec import JobSpec, format_validation_error
+
+from ..db import utcnow
+from ..problems import ProblemError
+from ..queue import enqueue
+from ..settings import Settings
+from ..storage import JOB_ID, ArtifactStore
+from ..uploads import FormPlan, ReceivedForm, receive_form
+from .models import QUEUED, STATUSES, SUCCEEDED, Job
+from .repository import JobRepository
+
+log = logging.getLogger("slim.api")
+
+SPEC_LIMIT = 1024 * 1024
+IDEMPOTENCY_KEY_MAX = 255
+EXTENSIONS = {"torchscript": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
+
+
+def validate_spec(text: str) -> JobSpec:
+    """The spec as JobSpec, or a 422 naming the field at fault (before anything is queued)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ProblemError(422, "invalid-spec", f"spec is not valid JSON: {err.msg} "
+                           f"(line {err.lineno}, column {err.colno})") from None
+    if not isinstance(data, dict):
+        raise ProblemError(422, "invalid-spec", "spec must be a JSON object, e.g. {\"version\": 1}")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        fields = [".".join(str(p) for p in e["loc"]) or "spec" for e in err.errors()]
+        raise ProblemError(422, "invalid-spec", format_validation_error(err), fields=fields) from None
+
+
+def request_hash(spec: JobSpec, model_sha256: str, dataset_sha256: str) -> str:
+    """Identity of a submission for Idempotency-Key: the normalized spec and both files' contents."""
+    doc = {"spec": spec.model_dump(mode="json"), "model": model_sha256, "dataset": dataset_sha256}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        t, i = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        when = datetime.fromisoformat(t)
+        if when.tzinfo is None or not isinstance(i, str):
+            raise ValueError
+        return when, i
+    except (ValueError, TypeError, binascii.Error):
+        raise ProblemError(422, "invalid-cursor", "cursor is not one this service returned") from None
+
+
+def parse_statuses(raw: str | None) -> list[str] | None:
+    if not raw:
+        return None
+    wanted = [s.strip() for s in raw.split(",") if s.strip()]
+    bad = [s for s in wanted if s not in STATUSES]
+    if bad:
+        raise ProblemError(422, "invalid-request", f"status {bad[0]!r} is not one of {', '.join(STATUSES)}")
+    return wanted
+
+
+class JobService:
+    def __init__(self, settings: Settings, repo: JobRepository, store: ArtifactStore, celery: Celery) -> None:
+        self.settings, self.repo, self.store, self.celery = settings, repo, store, celery
+
+    # -- submit ------------------------------------------------------------------------------------
+
+    async def submit(self, request: Request, owner: str | None, idempotency_key: str | None) -> tuple[Job, bool]:
+        """Store the uploads, record the job, queue it. Returns (job, replayed)."""
+        if idempotency_key is not None and not (0 < len(idempotency_key) <= IDEMPOTENCY_KEY_MAX):
+            raise ProblemError(422, "invalid-request", f"Idempotency-Key must be 1 to {IDEMPOTENCY_KEY_MAX} chars")
+        job_id = uuid.uuid4().hex
+        specs: list[JobSpec] = []
+
+        def on_text(name: str, text: str) -> None:
+            if name == "spec":  # checked as soon as it arrives, so a bad spec stops the upload early
+                specs.append(validate_spec(text))
+
+        plan = FormPlan(files={"model": "model", "dataset": "dataset"}, texts={"spec": SPEC_LIMIT},
+                        file_limit=self.settings.max_upload_bytes)
+        keep = False
+        try:
+            form = await receive_form(request, self.store, job_id, plan, on_text)
+            job = self._new_job(job_id, owner, idempotency_key, form, specs)
+            stored, replayed = await run_in_threadpool(self._record, job)
+            keep = not replayed
+            return stored, replayed
+        finally:
+            if not keep:
+                await run_in_threadpool(self.store.delete_job, job_id)
+
+    def _new_job(self, job_id: str, owner: str | None, key: str | None, form: ReceivedForm,
+                 specs: list[JobSpec]) -> Job:
+        missing = [f for f in ("model", "spec", "dataset") if f not in form.files and f not in form.texts]
+        if missing:
+            raise ProblemError(422, "invalid-form", f"missing form field(s): {', '.join(missing)}", fields=missing)
+        for name in ("model", "dataset"):
+            if form.files[name].size == 0:
+                raise ProblemError(422, "empty-upload", f"{name} is empty", fields=[name])
+        spec, model, data = specs[0], form.files["model"], form.files["dataset"]
+        now = utcnow()
+        return Job(created_at=now, updated_at=now,
+            id=job_id, owner=owner or "", status=QUEUED, progress=0.0, metrics={}, attempts=0,
+            cancel_requested=False, spec=spec.model_dump(mode="json"),
+            model_sha256=model.sha256, dataset_sha256=data.sha256,
+            model_name=model.filename or "model", dataset_name=data.filename or "dataset",
+            idempotency_key=key, request_hash=request_hash(spec, model.sha256, data.sha256),
+        )
+
+    def _replay(self, job: Job) -> tuple[Job, bool]:
+        existing = self.repo.find_by_idempotency_key(job.owner, job.idempotency_key or "")
+        if existing is None:
+            raise ProblemError(409, "idempotency-conflict", "a request with this Idempotency-Key is in flight")
+        if existing.request_hash != job.request_hash:
+            raise ProblemError(409, "idempotency-conflict",
+                               f"Idempotency-Key was already used for a different request (job {existing.id}); "
+                               "use a new key for a new job")
+        return existing, True
+
+    def _record(self, job: Job) -> tuple[Job, bool]:
+        if job.idempotency_key is not None and self.repo.find_by_idempotency_key(job.owner, job.idempotency_key):
+            return self._replay(job)
+        if not self.repo.insert_job(job):
+            return self._replay(job)
+        try:
+            enqueue(job.id, self.celery)
+        except Exception:
+            log.exception("could not queue job %s", job.id)
+            self.repo.delete_job(job.id)
+            raise ProblemError(503, "queue-unavailable", "the job queue is unavailable; try again shortly",
+                               headers={"Retry-After": "10"}) from None
+        return job, False
+
+    # -- look up -----------------------------------------------------------------------------------
+
+    def get(self, owner: str | None, job_id: str) -> Job:
+        job = self.repo.get_owned(job_id, owner) if JOB_ID.match(job_id) else None
+        if job is None:  # another owner's job is indistinguishable from none at all
+            raise ProblemError(404, "not-found", f"no job {job_id!r}")
+        return job
+
+    def list_jobs(self, owner: str | None, status: str | None, limit: int,
+                  cursor: str | None) -> tuple[list[Job], str | None]:
+        statuses = parse_statuses(status)
+        before = decode_cursor(cursor) if cursor else None
+        rows = self.repo.list_jobs(owner, statuses, limit + 1, before)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, (encode_cursor(rows[-1]) if more and rows else None)
+
+    def cancel(self, owner: str | None, job_id: str) -> Job:
+        self.get(owner, job_id)
+        outcome = self.repo.request_cancel(job_id)
+        job = self.get(owner, job_id)
+        if outcome == "finished":
+            raise ProblemError(409, "job-finished", f"job {job_id} is already {job.status}; nothing to cancel",
+                               job_status=job.status)
+        return job
+
+    def requeue_stale(self) -> list[str]:
+        """Send a new message for every job whose message was lost (the filesystem broker never redelivers)."""
+        sent = []
+        for job in self.repo.stale_jobs(self.settings.heartbeat_timeout_s):
+            if self.repo.mark_requeued(job.id):
+                enqueue(job.id, self.celery)
+                sent.append(job.id)
+        return sent
+
+    # -- artifacts ---------------------------------------------------------------------------------
+
+    def result(self, owner: str | None, job_id: str) -> tuple[Job, str]:
+        """The finished job and the download's file name; 409 until the job has succeeded."""
+        job = self.get(owner, job_id)
+        if job.status != SUCCEEDED:
+            raise ProblemError(409, "not-ready", f"job {job_id} is {job.status}; the model is available once it "
+                               "has succeeded", job_status=job.status)
+        if not self.store.exists(job_id, "result"):
+            raise ProblemError(404, "artifact-missing", f"job {job_id} succeeded but its model is no longer stored")
+        return job, download_name(job)
+
+    def report(self, owner: str | None, job_id: str) -> dict[str, Any]:
+        job = self.get(owner, job_id)
+        if not self.store.exists(job_id, "report.json"):
+            raise ProblemError(409, "not-ready", f"job {job_id} is {job.status}; it has no report yet",
+                               job_status=job.status)
+        with self.store.open_read(job_id, "report.json") as f:
+            return json.load(f)
+
+
+def download_name(job: Job) -> str:
+    """``slim-<upload name>``, with the extension of the exported format when it differs."""
+    if job.summary and isinstance(job.summary.get("filename"), str):
+        return _safe_name(job.summary["filename"])
+    stem, dot, ext = job.model_name.rpartition(".")
+    if not dot:
+        stem, ext = job.model_name, ""
+    fmt = (job.spec.get("export") or {}).get("format", "same")
+    suffix = EXTENSIONS.get(fmt, f".{ext}" if ext else "")
+    return _safe_name(f"slim-{stem or 'model'}{suffix}")
+
+
+def _safe_name(name: str) -> str:
+    """A file name that needs no quoting in Content-Disposition."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:200] or "model"

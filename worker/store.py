@@ -1,0 +1,85 @@
+"""The worker's view of the job table and the artifact store, in one object the runner can be handed.
+
+Built inside the Celery child after the fork (a database engine must never cross a fork). The
+heartbeat interval is a third of the timeout after which the reconciler calls a worker dead.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from api.db import init_db, make_engine
+from api.jobs.repository import JobRepository
+from api.settings import Settings, get_settings
+from api.storage import ArtifactStore
+
+CHECKPOINT = "checkpoints/state"
+EXTENSIONS = {"torchscript": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
+
+
+@dataclass
+class JobStore:
+    settings: Settings
+    repo: JobRepository
+    artifacts: ArtifactStore
+
+    @classmethod
+    def from_env(cls) -> JobStore:
+        s = get_settings()
+        return cls(s, JobRepository.from_settings(s), ArtifactStore(s.storage_url))
+
+    def init(self) -> None:
+        init_db(make_engine(self.settings.database_url))
+
+    @property
+    def heartbeat_timeout(self) -> float:
+        return self.settings.heartbeat_timeout_s
+
+    @property
+    def heartbeat_interval(self) -> float:
+        return max(0.5, self.settings.heartbeat_timeout_s / 3)
+
+    def claim(self, job_id: str, worker_name: str) -> dict[str, Any] | None:
+        job = self.repo.claim_job(job_id, worker_name, self.settings.max_attempts)
+        if job is None:
+            return None
+        return {"id": job.id, "spec": job.spec, "attempts": job.attempts, "model_name": job.model_name,
+                "dataset_name": job.dataset_name}
+
+    def heartbeat(self, job_id: str) -> None:
+        self.repo.heartbeat(job_id)
+
+    def is_cancel_requested(self, job_id: str) -> bool:
+        return self.repo.is_cancel_requested(job_id)
+
+    def progress(self, job_id: str, phase: str, fraction: float, metrics: dict[str, Any]) -> None:
+        clean = json.loads(json.dumps(metrics, default=float))  # numpy/torch scalars → plain JSON
+        self.repo.update_progress(job_id, phase, fraction, clean)
+
+    def finish(self, job_id: str, status: str, *, summary: dict[str, Any] | None = None,
+               error: dict[str, Any] | None = None) -> None:
+        self.repo.finish_job(job_id, status, summary=summary, error=error)
+
+    def fetch_inputs(self, job_id: str, model: Path, dataset: Path) -> None:
+        self.artifacts.get_to_file(job_id, "model", model)
+        self.artifacts.get_to_file(job_id, "dataset", dataset)
+
+    def save_outputs(self, job_id: str, result: Path, report: bytes) -> None:
+        self.artifacts.put_file(job_id, "result", result)
+        self.artifacts.put_stream(job_id, "report.json", [report])
+
+    def read_checkpoint(self, job_id: str) -> bytes | None:
+        if not self.artifacts.exists(job_id, CHECKPOINT):
+            return None
+        with self.artifacts.open_read(job_id, CHECKPOINT) as f:
+            return f.read()
+
+    def write_checkpoint(self, job_id: str, data: bytes) -> None:
+        # put_stream writes to a temporary name and renames on commit: a crash never leaves half a file
+        self.artifacts.put_stream(job_id, CHECKPOINT, [data])
+
+    def stale_job_ids(self) -> list[str]:
+        return [j.id for j in self.repo.stale_jobs(self.heartbeat_timeout) if self.repo.mark_requeued(j.id)]
