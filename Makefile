@@ -4,7 +4,7 @@
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
-PIPENV := PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS= PIP_NO_FIND_LINKS=1
+PIPENV := PIP_CONFIG_FILE=/dev/null PIP_FIND_LINKS=
 
 .PHONY: venv serve test lint
 

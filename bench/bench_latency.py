@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from slimcore.groups import build_groups  # noqa: E402
+from slimcore.lift import IMPORTERS  # noqa: E402
 from slimcore.measure import count_flops, count_params, cpu_latency_ms  # noqa: E402
 from slimcore.pipeline import _load_plugins  # noqa: E402
-from slimcore.lift import IMPORTERS  # noqa: E402
 from slimcore.prune import apply, plan  # noqa: E402
 from slimcore.spec import PruneSpec  # noqa: E402
 from tests.zoo import make_model, save_model  # noqa: E402
