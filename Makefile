@@ -22,7 +22,7 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check slimcore api worker tests bench
-	$(VENV)/bin/python -m pytest -q -ra
+	$(VENV)/bin/python -m pytest -q -ra --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check slimcore api worker tests bench

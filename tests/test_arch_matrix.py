@@ -36,8 +36,12 @@ def test_import_prune_export_reload(tmp_path, arch, fmt):
     path = save_model(original, fmt, tmp_path / f"m.{fmt}", x[:1])
     imported = IMPORTERS.get(FMT_IN[fmt])(path, shape)
     model = imported.module
+    x5 = torch.randn((5, *shape[1:]))
     with torch.no_grad():
         assert rel_error(model(x), original(x)) <= 1e-5
+        assert rel_error(model(x5), original(x5)) <= 1e-5  # the batch is not baked in
+    bn = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)
+    assert sum(isinstance(m, bn) for m in model.modules()) == sum(isinstance(m, bn) for m in original.modules())
     gs = build_groups(model, x, [], imported.meta.get("unprunable"))
     p = plan(model, gs, PruneSpec(target="channels", amount=0.3, min_channels=1), "max", x)
     total = sum(g.size for g in gs.groups)
@@ -51,6 +55,5 @@ def test_import_prune_export_reload(tmp_path, arch, fmt):
         warnings.simplefilter("ignore")
         EXPORTERS.get(imported.fmt)(model, imported, out, x)  # reloads and checks ≤ 1e-4 itself
         reloaded = torch.jit.load(str(out)) if imported.fmt == "torchscript" else torch.export.load(str(out)).module()
-    x5 = torch.randn((5, *shape[1:]))
     with torch.no_grad():
         assert rel_error(reloaded(x5), model(x5)) <= 1e-4

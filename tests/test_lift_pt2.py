@@ -21,7 +21,7 @@ from slimcore.errors import ParityError, SlimError, UnsupportedModel
 from slimcore.export import rel_error
 from slimcore.export.pt2 import export_pt2
 from slimcore.lift.exported import import_pt2
-from tests.zoo import ARCHS, input_shape, make_model, randomize_bn, save_model
+from tests.zoo import input_shape, make_model, randomize_bn, save_model
 
 LIGHT = ["smallcnn", "resnet18"]  # the rest take 15-40 s each on two cores
 BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -124,10 +124,7 @@ def test_pt2_round_trip(name: str, saved: Callable[[str], Path], tmp_path: Path)
     _case(name, saved(name), tmp_path)
 
 
-@pytest.mark.heavy
-@pytest.mark.parametrize("name", [a for a in ARCHS if a not in LIGHT])
-def test_pt2_round_trip_heavy(name: str, saved: Callable[[str], Path], tmp_path: Path) -> None:
-    _case(name, saved(name), tmp_path)
+# The other architectures are covered by tests/test_arch_matrix.py (same checks plus the global planner).
 
 
 @pytest.mark.heavy

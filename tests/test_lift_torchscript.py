@@ -98,11 +98,7 @@ def test_torchscript_lift(name: str, fmt: str, tmp_path: Path) -> None:
     _case(name, fmt, tmp_path)
 
 
-@pytest.mark.heavy
-@pytest.mark.parametrize("fmt", ["script", "trace"])
-@pytest.mark.parametrize("name", [a for a in ARCHS if a in HEAVY])
-def test_torchscript_lift_heavy(name: str, fmt: str, tmp_path: Path) -> None:
-    _case(name, fmt, tmp_path)
+# The heavy architectures are covered by tests/test_arch_matrix.py (same checks plus pruning and export).
 
 
 def test_registered() -> None:

@@ -25,7 +25,7 @@ from tests.zoo import save_model
 QUICK = {"input_shape": [1, 1, 8, 8], "method": {"name": "l1", "strength": 3e-3},
          "sparse_training": {"epochs": 2, "lr": 0.02}, "prune": {"target": "channels", "amount": 0.4},
          "finetune": {"epochs": 2, "lr": 0.01}}
-LONG = {**QUICK, "sparse_training": {"epochs": 40, "lr": 0.02, "batch_size": 32}}
+LONG = {**QUICK, "sparse_training": {"epochs": 12, "lr": 0.02, "batch_size": 32}}
 
 
 @pytest.fixture(scope="module")
