@@ -21,6 +21,7 @@ commands:
   serve [--host 127.0.0.1] [--port 8000]                            API plus a local worker (embedded default)
   worker                                                            a Celery worker for the configured broker
   submit MODEL --spec SPEC.json --data DATA [--wait] [-o OUT]       submit a job to a running service
+  status ID | cancel ID | download ID [-o OUT]                      one job on a running service
 """
 
 
@@ -109,6 +110,37 @@ def _submit(argv: list[str]) -> int:
         return 2
 
 
+def _job_command(cmd: str, argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog=f"slim {cmd}")
+    ap.add_argument("job_id")
+    if cmd == "download":
+        ap.add_argument("-o", "--output", help="file to write (default: the server's suggested name)")
+    ap.add_argument("--url", default=os.environ.get("SLIM_URL", "http://127.0.0.1:8000"))
+    ap.add_argument("--api-key", default=os.environ.get("SLIM_API_KEY"))
+    args = ap.parse_args(argv)
+    import httpx
+
+    from .client import SlimAPIError, SlimClient
+
+    try:
+        with SlimClient(args.url, args.api_key) as c:
+            if cmd == "status":
+                print(json.dumps(c.get(args.job_id), indent=2))
+            elif cmd == "cancel":
+                print(json.dumps(c.cancel(args.job_id)))
+            else:
+                job = c.get(args.job_id)
+                name = args.output or (job.get("summary") or {}).get("filename") or f"slim-{args.job_id}"
+                print(str(c.download(args.job_id, Path(name))))
+        return 0
+    except SlimAPIError as e:
+        print(f"slim: error: {e}", file=sys.stderr)
+        return 2
+    except (httpx.HTTPError, OSError) as e:
+        print(f"slim: error: cannot reach {args.url}: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -123,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(rest)
     if cmd == "submit":
         return _submit(rest)
+    if cmd in ("status", "cancel", "download"):
+        return _job_command(cmd, rest)
     print(f"slim: error: unknown command {cmd!r}\n{USAGE}", file=sys.stderr, end="")
     return 2
 

@@ -39,8 +39,8 @@ def _load_plugins() -> None:
     """Importers and exporters register themselves on import; missing optional ones are skipped."""
     import importlib
 
-    for mod in ("slimcore.lift.torchscript", "slimcore.lift.exported", "slimcore.export.pt2",
-                "slimcore.export.torchscript"):
+    for mod in ("slimcore.lift.torchscript", "slimcore.lift.exported", "slimcore.lift.onnx_import",
+                "slimcore.export.pt2", "slimcore.export.torchscript", "slimcore.export.onnx"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:
@@ -85,6 +85,13 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
                         workdir=workdir)
     example = data.x_train[:2].clone()
     _check_fit(model, data, spec)
+    reinserted: list[str] = []
+    if imported.fmt == "onnx":
+        # Exporters fold BatchNorm into Conv: give those convs a γ again (function unchanged at the start;
+        # folded back at export). Before any checkpoint is restored: the saved state includes these BNs.
+        from .lift.bn_insert import reinsert_bn
+
+        reinserted = reinsert_bn(model, list(data.x_train[:512].split(128)))
     dev = device_of(device)
     teacher = copy.deepcopy(model).eval() if spec.task == "distillation" else None
     reference = copy.deepcopy(model).eval()
@@ -187,6 +194,7 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
                  "val_source": data.val_source},
         "device": str(dev), "wall_seconds": round(time.perf_counter() - t_start, 3),
         "resumed_from": f"{ck['phase']}:{ck['epoch']}" if ck else None,
+        "reinserted_bn": reinserted,
         "not_pruned": gs.skipped, "output_layers": gs.output_layers,
     })
     report = rb.build(threshold=p.threshold, layers=layer_table(gamma0, gamma1, channels_after, p.threshold),

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from api.client import SlimAPIError, SlimClient
+from tests.conftest import run_slim
 from tests.service_harness import Proc, Service, free_port, fresh_postgres_db, need_server, wait_for
 from tests.zoo import save_model
 
@@ -55,6 +56,13 @@ def test_embedded_default(tmp_path, ts_model, digits, digits_cnn):
             done = c.wait(job["id"], poll=0.3, timeout=300, on_update=lambda j: phases.add(j.get("phase") or ""))
             _check_success(c, done, tmp_path, sum(p.numel() for p in digits_cnn.parameters()))
             assert {"sparse_training", "finetuning"} <= phases
+            # the command-line client on the same job
+            r = run_slim("status", done["id"], "--url", svc.url)
+            assert r.returncode == 0 and json.loads(r.stdout)["status"] == "succeeded"
+            r = run_slim("download", done["id"], "--url", svc.url, "-o", str(tmp_path / "cli.pt"))
+            assert r.returncode == 0 and (tmp_path / "cli.pt").read_bytes() == (tmp_path / "slim.pt").read_bytes()
+            r = run_slim("cancel", done["id"], "--url", svc.url)
+            assert r.returncode == 2 and "409" in r.stderr  # a finished job cannot be canceled
             # bad input the API cannot see (it never opens model files) fails the job, not the server
             garbage = tmp_path / "garbage.pt"
             garbage.write_bytes(b"\x00garbage" * 100)

@@ -1,0 +1,395 @@
+"""ONNX out: a drop-in replacement for the uploaded file, proved by onnxruntime before it is handed back.
+
+Drop-in is what serving code sees: the same input/output names and dtypes, opset and IR version, the
+same symbolic dims (``dim_param`` names kept, fixed dims fixed) and the upload's ``metadata_props``, as
+the ONNX importer recorded them in ``imported.meta`` (``onnx_opset``, ``onnx_ir_version``,
+``onnx_inputs``, ``onnx_outputs``, ``onnx_metadata``, ``onnx_producer``, ``bn_in_file``). Without them (a
+model uploaded in another format) the file gets opset 18, the lifted input's name, a symbolic batch, and
+keeps the model's BNs.
+
+Routes, measured on the ``tests/zoo.py`` torchvision models at 64×64 with torch 2.13:
+1. the TorchScript exporter on ``torch.jit.script`` of the lifted graph: every opset 7–20 natively,
+   0.3–4 s, keeps BatchNorm nodes on request. It cannot export ``aten::sym_size`` (the run-time sizes
+   lifters put before reshapes; rewritten to the equivalent ``aten::size`` first), strided views with
+   run-time strides (the pt2 lifter's channel shuffle), or adaptive pooling to a size that does not
+   divide the input (VGG at 64×64);
+2. else the dynamo exporter: handled every model tried, but writes opset ≥ 18 and takes 3–40 s. Opset 17
+   is reached by our own 18 → 17 step for the two changes it emits (ReduceX axes, Split
+   ``num_outputs``), which ``onnx.version_converter`` 1.23 gets wrong (a ReduceMean keeping an opset-18
+   attribute) or refuses (Split); below 17, by that converter, whose down adapters are incomplete.
+A route's file is kept only if it passes ``onnx.checker.check_model(full_check=True)`` and onnxruntime
+reproduces the pruned module (relative error ≤ 1e-4) at batch 2 and 5, or at the upload's batch when that
+is fixed; otherwise the next route is tried, and ``ParityError`` names every route's failure.
+
+BatchNorm: the BNs :func:`slimcore.lift.bn_insert.reinsert_bn` added are folded back into their convs,
+so an upload without BN comes back without BN. BNs that were in the file (``bn_in_file``) stay
+BatchNormalization nodes: the file keeps the upload's structure and learned γ (it can be slimmed again),
+and onnxruntime fuses Conv+BN at session load, so inference costs the same. (The dynamo fallback folds
+Conv→BN regardless.)
+Dtypes: the module computes in float32; where the upload's input or output dtype differs, a Cast at the
+graph's edge restores it (parity then allows that dtype's rounding, 2e-3 for float16).
+Metadata: the upload's ``metadata_props`` are copied, plus ``slim.source_producer`` (its producer name
+and version, since ``producer_name`` now says PyTorch wrote the file; kept if already there). Node
+doc strings and metadata (exporter stack traces with this machine's paths) are dropped. Only batch
+sizes are verified; other symbolic axes are declared as the upload declared them.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.fx as fx
+from onnx import TensorProto, helper
+from torch import nn
+
+from ..errors import ParityError
+from ..lift import Imported
+from ..lift.bn_insert import META_KEY, fold_bn
+from . import EXPORTERS, rel_error
+from .pt2 import _at_batch, _first_line
+
+aten = torch.ops.aten
+LEGACY_MAX_OPSET = 20
+DYNAMO_MIN_OPSET = 18
+_TOL = {TensorProto.FLOAT16: 2e-3, TensorProto.BFLOAT16: 1.6e-2}
+
+
+@dataclass
+class Target:
+    """What the written file must look like, from the importer's record of the upload."""
+
+    opset: int
+    inp: dict[str, Any]  # {"name", "elem_type", "dims": [int | str]}: str is a dim_param, "" an unnamed dim
+    out: dict[str, Any]
+    ir_version: int | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    keep_bn: bool = True
+
+
+@EXPORTERS.register("onnx")
+def export_onnx(module: nn.Module, imported: Imported, out: Path, example: torch.Tensor) -> None:
+    module = module.cpu().float().eval()
+    example = example.cpu()
+    example = example.float() if example.is_floating_point() else example
+    target = target_of(imported, module, example)
+    prepared = _prepare(module, imported)
+    b0 = target.inp["dims"][0]  # batch 2 and 5 when symbolic: a file that baked the batch passes only one
+    checks = [_at_batch(example, b0)] if isinstance(b0, int) else [_at_batch(example, 2), _at_batch(example, 5)]
+    failures: list[str] = []
+    for name, route in ROUTES:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = route(prepared, checks[0], target)
+            model = _to_opset(model, target.opset)
+            _conform(model, target)
+            onnx.save_model(model, str(out), save_as_external_data=False)
+            verify(out, module, checks, target)
+            return
+        except Exception as e:  # every route's reason goes into the one error the user sees
+            failures.append(f"{name}: {_first_line(e)}")
+    out.unlink(missing_ok=True)
+    raise ParityError("could not write an ONNX model equivalent to the pruned one (" + "; ".join(failures) + ")")
+
+
+def target_of(imported: Imported, module: nn.Module, example: torch.Tensor) -> Target:
+    """The upload's interface from ``imported.meta``, or a plain float32/batch-symbolic one without it."""
+    meta = imported.meta
+    ins, outs = meta.get("onnx_inputs"), meta.get("onnx_outputs")
+    if ins is not None and len(ins) != 1 or outs is not None and len(outs) != 1:
+        raise ParityError(f"the upload has {len(ins or [])} inputs and {len(outs or [])} outputs; the lifted "
+                          "model has one of each")
+    batch: int | str = "batch" if imported.dynamic_batch else int(example.shape[0])
+    if ins is None:
+        ins = [{"name": imported.input_name, "elem_type": TensorProto.FLOAT, "dims": None}]
+    if not ins[0].get("dims"):  # an upload without shapes: declare what the model takes
+        ins = [{**ins[0], "dims": [batch, *(int(d) for d in example.shape[1:])]}]
+    if outs is None:
+        with torch.no_grad():
+            y = module(example)
+        outs = [{"name": "output", "elem_type": TensorProto.FLOAT, "dims": [batch, *(int(d) for d in y.shape[1:])]}]
+    md = {str(k): str(v) for k, v in (meta.get("onnx_metadata") or {}).items()}
+    producer = meta.get("onnx_producer")
+    if producer and any(producer):
+        md.setdefault("slim.source_producer", " ".join(str(p) for p in producer if p))
+    return Target(opset=int(meta.get("onnx_opset") or DYNAMO_MIN_OPSET), inp=dict(ins[0]), out=dict(outs[0]),
+                  ir_version=meta.get("onnx_ir_version"), metadata=md, keep_bn=bool(meta.get("bn_in_file", True)))
+
+
+def _prepare(module: nn.Module, imported: Imported) -> nn.Module:
+    """A copy to export, with the BNs that ``reinsert_bn`` added folded back into their convs."""
+    which = set(getattr(module, "meta", {}).get(META_KEY, set())) | set(imported.meta.get(META_KEY, ()))
+    if not isinstance(module, fx.GraphModule) or not which:
+        return module
+    gm = copy.deepcopy(module)
+    fold_bn(gm, which)
+    return gm.eval()
+
+
+def _sizes_as_size(module: nn.Module) -> nn.Module:
+    """A copy calling ``aten.size`` where ``module`` calls ``aten.sym_size`` (same value), for the TorchScript
+    exporter, which knows only the former. Not for torch.export: there ``aten.size`` pins the batch."""
+    def is_sym(n: fx.Node) -> bool:
+        return n.op == "call_function" and getattr(n.target, "overloadpacket", n.target) is aten.sym_size
+
+    if not isinstance(module, fx.GraphModule) or not any(is_sym(n) for n in module.graph.nodes):
+        return module
+    gm = copy.deepcopy(module)
+    for node in filter(is_sym, gm.graph.nodes):
+        node.target = aten.size
+    gm.recompile()
+    return gm
+
+
+def _export_torchscript(module: nn.Module, x: torch.Tensor, t: Target) -> onnx.ModelProto:
+    axes = {"input": _symbolic_axes(t.inp), "output": _symbolic_axes(t.out)}
+    buf = io.BytesIO()
+    mode = torch.onnx.TrainingMode.PRESERVE if t.keep_bn else torch.onnx.TrainingMode.EVAL
+    torch.onnx.export(torch.jit.script(_sizes_as_size(module)), (x,), buf, dynamo=False, training=mode,
+                      opset_version=min(t.opset, LEGACY_MAX_OPSET), input_names=["input"], output_names=["output"],
+                      dynamic_axes=axes)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _export_dynamo(module: nn.Module, x: torch.Tensor, t: Target) -> onnx.ModelProto:
+    # the batch must stay symbolic; other axes the upload left symbolic stay so where the model allows
+    dims = {i: torch.export.Dim(f"d{i}", min=1) if i == 0 else torch.export.Dim.AUTO for i in _symbolic_axes(t.inp)}
+    program = torch.onnx.export(module, (x,), dynamo=True, verbose=False, dynamic_shapes=(dims,) if dims else None,
+                                opset_version=max(t.opset, DYNAMO_MIN_OPSET), input_names=["input"],
+                                output_names=["output"])
+    if program is None:
+        raise RuntimeError("the dynamo exporter returned nothing")
+    return program.model_proto
+
+
+# Tried in order; the first whose file passes every check is kept (tests replace entries to force a route).
+ROUTES: list[tuple[str, Callable[[nn.Module, torch.Tensor, Target], onnx.ModelProto]]] = [
+    ("torchscript exporter", _export_torchscript), ("dynamo exporter", _export_dynamo)]
+
+
+def _symbolic_axes(value: dict[str, Any]) -> dict[int, str]:
+    dims = value.get("dims") or []
+    return {i: (d or f"dim{i}") for i, d in enumerate(dims) if not isinstance(d, int)}
+
+
+def _to_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """Convert to ``opset``; from 18 down to 17 with our own adapters, the rest with onnx's converter."""
+    if _opset(model) >= 18 > opset:
+        model = _down_to_17(model)
+    if _opset(model) == opset:
+        return model
+    from onnx import version_converter
+
+    converted = version_converter.convert_version(model, opset)
+    if _opset(converted) != opset:
+        raise RuntimeError(f"opset conversion {_opset(model)} → {opset} did not take")
+    return converted
+
+
+_REDUCE = {"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
+           "ReduceProd", "ReduceSumSquare"}
+
+
+def _down_to_17(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Opset 18 → 17 for the two op changes exporters emit (ReduceX axes input, Split ``num_outputs``).
+
+    ``onnx.version_converter`` 1.23 cannot do it: its ReduceMean adapter leaves the opset-18-only
+    ``noop_with_empty_axes`` attribute behind and it has no Split adapter. Any other op whose schema
+    changed at 18 is refused rather than guessed.
+    """
+    model = onnx.shape_inference.infer_shapes(model)
+    g = model.graph
+    consts = {i.name: onnx.numpy_helper.to_array(i) for i in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = onnx.numpy_helper.to_array(n.attribute[0].t)
+    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+              for vi in (*g.value_info, *g.input, *g.output)}
+    for n in _all_nodes(g):
+        if n.domain not in ("", "ai.onnx"):
+            continue
+        attrs = {a.name: a for a in n.attribute}
+        if n.op_type in _REDUCE:
+            axes = n.input[1] if len(n.input) > 1 else ""
+            if axes and axes not in consts:
+                raise RuntimeError(f"{n.op_type} {n.name} has run-time axes; opset 17 needs constant ones")
+            if axes:
+                n.attribute.append(helper.make_attribute("axes", [int(a) for a in consts[axes].ravel()]))
+            elif "noop_with_empty_axes" in attrs and attrs["noop_with_empty_axes"].i:
+                raise RuntimeError(f"{n.op_type} {n.name} with noop_with_empty_axes=1 has no opset 17 form")
+            del n.input[1:]
+            _drop_attr(n, "noop_with_empty_axes")
+        elif n.op_type == "Split" and "num_outputs" not in attrs:
+            continue  # with a sizes input, Split-18 reads as Split-13
+        elif n.op_type == "Split":
+            axis = attrs["axis"].i if "axis" in attrs else 0
+            shape = shapes.get(n.input[0]) or []
+            size = shape[axis] if -len(shape) <= axis < len(shape) else None
+            if size is None:
+                raise RuntimeError(f"Split {n.name} splits a dynamic axis into equal parts; opset 17 needs sizes")
+            k = len(n.output)
+            part = -(-size // k)
+            sizes = [part] * (k - 1) + [size - part * (k - 1)]
+            name = _fresh(g, f"{n.name or 'split'}_sizes")
+            g.initializer.append(onnx.numpy_helper.from_array(np.asarray(sizes, dtype=np.int64), name))
+            del n.input[1:]
+            n.input.append(name)
+            _drop_attr(n, "num_outputs")
+        elif onnx.defs.get_schema(n.op_type, 17).since_version != onnx.defs.get_schema(n.op_type, 18).since_version:
+            raise RuntimeError(f"no opset 18 → 17 conversion for {n.op_type}")
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = 17
+    return model
+
+
+def _drop_attr(node: onnx.NodeProto, name: str) -> None:
+    keep = [a for a in node.attribute if a.name != name]
+    del node.attribute[:]
+    node.attribute.extend(keep)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), -1)
+
+
+def _conform(model: onnx.ModelProto, t: Target) -> None:
+    """Give the exported graph the upload's names, dims, dtypes, IR version and metadata, in place."""
+    g = model.graph
+    inits = {i.name for i in g.initializer}
+    inputs = [i for i in g.input if i.name not in inits]
+    if len(inputs) != 1 or len(g.output) != 1:
+        raise RuntimeError(f"exported graph has {len(inputs)} inputs and {len(g.output)} outputs, expected 1 and 1")
+    inp, outp = inputs[0], g.output[0]
+    for node in _all_nodes(g):
+        node.doc_string = ""
+        del node.metadata_props[:]
+    renames: dict[str, str] = {}
+    for vi, want in ((inp, t.inp), (outp, t.out)):
+        got = list(vi.type.tensor_type.shape.dim)
+        dims = want.get("dims")
+        if dims and len(got) != len(dims):
+            raise RuntimeError(f"{want['name']!r} has rank {len(got)}, the upload's has rank {len(dims)}")
+        for d, w in zip(got, dims or [], strict=False):
+            if d.dim_param and isinstance(w, str) and w:
+                renames.setdefault(d.dim_param, w)  # the input's naming wins
+    for vi in _value_infos(g):
+        for d in vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else []:
+            if d.dim_param in renames:  # never assign to others: dim_param and dim_value are a oneof
+                d.dim_param = renames[d.dim_param]
+    _rename(g, inp.name, str(t.inp["name"]))
+    _rename(g, outp.name, str(t.out["name"]))
+    _cast_edges(g, inp, outp, t)
+    for vi, want in ((inp, t.inp), (outp, t.out)):
+        for d, w in zip(vi.type.tensor_type.shape.dim, want.get("dims") or [], strict=False):
+            d.Clear()  # exactly the upload's: its dim_param names, its fixed sizes
+            if isinstance(w, int) or w:
+                setattr(d, "dim_value" if isinstance(w, int) else "dim_param", w)
+    if t.ir_version:
+        model.ir_version = int(t.ir_version)
+    del model.metadata_props[:]
+    for k, v in t.metadata.items():
+        model.metadata_props.add(key=k, value=v)
+
+
+def _cast_edges(g: onnx.GraphProto, inp: onnx.ValueInfoProto, outp: onnx.ValueInfoProto, t: Target) -> None:
+    """Cast from/to the upload's dtypes where the exported ones differ (the module computes in float32)."""
+    want_in, want_out = t.inp.get("elem_type"), t.out.get("elem_type")
+    if want_in and inp.type.tensor_type.elem_type != want_in:
+        inner = _fresh(g, inp.name + "_cast")
+        _replace_refs(g, inp.name, inner, outputs=False)
+        g.node.insert(0, helper.make_node("Cast", [inp.name], [inner], to=inp.type.tensor_type.elem_type))
+        inp.type.tensor_type.elem_type = int(want_in)
+    if want_out and outp.type.tensor_type.elem_type != want_out:
+        inner = _fresh(g, outp.name + "_uncast")
+        _replace_refs(g, outp.name, inner)
+        g.node.append(helper.make_node("Cast", [inner], [outp.name], to=int(want_out)))
+        outp.type.tensor_type.elem_type = int(want_out)
+
+
+def _graphs(g: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield g
+    for node in g.node:
+        for a in node.attribute:
+            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _graphs(sub)
+
+
+def _all_nodes(g: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    return (n for sub in _graphs(g) for n in sub.node)
+
+
+def _value_infos(g: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
+    return (vi for sub in _graphs(g) for vi in (*sub.input, *sub.output, *sub.value_info))
+
+
+def _names(g: onnx.GraphProto) -> set[str]:
+    names = {vi.name for vi in _value_infos(g)} | {i.name for sub in _graphs(g) for i in sub.initializer}
+    return names.union(*({*n.input, *n.output} for n in _all_nodes(g)))
+
+
+def _fresh(g: onnx.GraphProto, base: str) -> str:
+    names, name, i = _names(g), base, 1
+    while name in names:
+        name, i = f"{base}_{i}", i + 1
+    return name
+
+
+def _replace_refs(g: onnx.GraphProto, old: str, new: str, outputs: bool = True) -> None:
+    for node in _all_nodes(g):
+        node.input[:] = [new if n == old else n for n in node.input]
+        if outputs:
+            node.output[:] = [new if n == old else n for n in node.output]
+
+
+def _rename(g: onnx.GraphProto, old: str, new: str) -> None:
+    """Rename value ``old`` to ``new`` everywhere, first moving any other value called ``new`` aside."""
+    if old == new:
+        return
+    if new in _names(g):
+        _rename(g, new, _fresh(g, new + "_0"))
+    _replace_refs(g, old, new)
+    for item in (*_value_infos(g), *(i for sub in _graphs(g) for i in sub.initializer)):
+        if item.name == old:
+            item.name = new
+
+
+def verify(path: Path, module: nn.Module, batches: list[torch.Tensor], t: Target) -> None:
+    """Check the written file: ONNX checker (full), interface as the upload's, onnxruntime parity."""
+    import onnxruntime as ort
+
+    model = onnx.load(str(path), load_external_data=False)
+    onnx.checker.check_model(model, full_check=True)
+    if any(i.data_location == TensorProto.EXTERNAL for i in model.graph.initializer):
+        raise ParityError("the written ONNX file refers to external data")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, torch.get_num_threads())
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    (si,), (so,) = sess.get_inputs(), sess.get_outputs()
+    if (si.name, so.name) != (t.inp["name"], t.out["name"]):
+        raise ParityError(f"written ONNX names {si.name!r} → {so.name!r} differ from the upload's "
+                          f"{t.inp['name']!r} → {t.out['name']!r}")
+    in_np = helper.tensor_dtype_to_np_dtype(int(t.inp.get("elem_type") or TensorProto.FLOAT))
+    tol = _TOL.get(int(t.out.get("elem_type") or TensorProto.FLOAT), 1e-4)
+    for xb in batches:
+        feed = xb.numpy().astype(in_np)
+        with torch.no_grad():
+            ref = module(torch.from_numpy(np.asarray(feed)).to(xb.dtype))
+        got = sess.run([so.name], {si.name: feed})[0]
+        want = t.out.get("dims") or []
+        if want and (len(got.shape) != len(want) or any(isinstance(w, int) and w != g
+                                                        for w, g in zip(want, got.shape, strict=True))):
+            raise ParityError(f"onnxruntime output shape {tuple(got.shape)} does not fit the upload's {want}")
+        err = rel_error(torch.from_numpy(np.asarray(got, dtype=np.float64)), ref.double())
+        if not err <= tol:
+            raise ParityError(f"onnxruntime output differs from the pruned model at batch {xb.shape[0]} "
+                              f"(relative error {err:.2e} > {tol:g})")
