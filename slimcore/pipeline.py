@@ -97,7 +97,7 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     reference = copy.deepcopy(model).eval()
     gs = build_groups(model, example, spec.prune.ignore, imported.meta.get("unprunable"))
     bns = all_bns(model)
-    method = METHODS.get(spec.method.name)(spec.method, MethodContext(model, gs, [b for _, b in bns]))
+    method = METHODS.get(spec.method.name)(spec.method, MethodContext(model, gs, [b for _, b in bns], example))
     rb = ReportBuilder({"name": spec.method.name, **method.describe()})
     for root, why in gs.skipped.items():
         rb.warn(f"layer {root} is not pruned: {why}")
@@ -108,6 +108,8 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     else:
         ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev)
         rb.stage("baseline", **_stage(model, ev, example))
+
+    early: dict[str, Any] = {}
 
     def fit_phase(phase: str, train_spec: Any, meth: Any, extra: dict[str, Any]) -> None:
         epochs = max(train_spec.epochs, 1)
@@ -124,15 +126,19 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
         finished = fit(model, data.x_train, data.y_train, train_spec, task=spec.task, teacher=teacher,
                        method=meth, device=dev, seed=spec.seed, progress=report, should_stop=should_stop,
                        start_epoch=ck["epoch"] if resume else 0, opt_state=ck["optimizer"] if resume else None,
-                       on_epoch_end=save)
+                       on_epoch_end=save, stop_early=_plateau(meth, gs, early) if meth is not None else None)
         if not finished:
             raise JobCanceled(phase)
 
     if ck is None or ck["phase"] == "sparse_training":
+        if spec.sparse_training.epochs > 0:
+            method.prepare(model)  # e.g. receding's bounded BN; checkpoints hold the prepared form
         if ck is not None:
             model.load_state_dict(ck["model"])
         say("sparse_training", 0.0, {})
         fit_phase("sparse_training", spec.sparse_training, method, {})
+        if spec.sparse_training.epochs > 0:
+            method.finalize(model)  # plain BatchNorms again, |γ| = importance
         ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev)
         rb.stage("sparse", **_stage(model, ev, example))
         sparse_state = _cpu_state(model)
@@ -148,7 +154,16 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     if float(imps.max() - imps.min()) <= 1e-12:
         raise NothingToPrune("all BatchNorm γ are equal (an untrained network?), so |γ| cannot rank channels; "
                              "run sparse training (sparse_training.epochs > 0) or upload a trained model")
-    p = plan(model, gs, spec.prune, method.reduce, example)
+    prune_spec = spec.prune
+    if prune_spec.target == "threshold" and "amount" not in prune_spec.model_fields_set:
+        from .methods.polarization import first_valley_threshold
+
+        valley = first_valley_threshold(method.channel_importance(gs))
+        if valley is None:
+            raise SlimError("prune.target 'threshold' without an amount needs a valley in the |γ| histogram, and "
+                            "there is none; give prune.amount or train longer (polarization separates γ)")
+        prune_spec = prune_spec.model_copy(update={"amount": valley})
+    p = plan(model, gs, prune_spec, method.reduce, example)
     if p.removed_channels == 0:
         raise NothingToPrune(f"nothing to remove: no channel's importance is below the threshold "
                              f"({spec.prune.target}={spec.prune.amount:g}); lower min_channels, raise the amount "
@@ -185,6 +200,7 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
             and fin["accuracy"] < base["accuracy"] - 0.05:
         rb.warn(f"accuracy dropped from {base['accuracy']:.3f} to {fin['accuracy']:.3f} after fine-tuning; "
                 f"consider more fine-tuning epochs or a smaller amount")
+    rb.method.update(method.describe())
     rb.extra.update({
         "format": {"in": imported.fmt, "out": fmt},
         "target": {"kind": p.target, "requested": p.requested, "achieved": round(p.achieved, 6)},
@@ -195,6 +211,7 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
         "device": str(dev), "wall_seconds": round(time.perf_counter() - t_start, 3),
         "resumed_from": f"{ck['phase']}:{ck['epoch']}" if ck else None,
         "reinserted_bn": reinserted,
+        "sparse_training_stopped_early_at": early.get("epoch"),
         "not_pruned": gs.skipped, "output_layers": gs.output_layers,
     })
     report = rb.build(threshold=p.threshold, layers=layer_table(gamma0, gamma1, channels_after, p.threshold),
@@ -202,6 +219,21 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
                       output_deviation=deviation)
     say("exporting", 1.0, {})
     return report
+
+
+def _plateau(method: Any, gs: Any, record: dict[str, Any]) -> Callable[[int], bool]:
+    """Stop sparse training once γ sparsity has stopped changing (recorded in the report)."""
+    from .methods.pilot import SparsityPlateau
+
+    watch = SparsityPlateau(patience=3, tol=0.01)
+
+    def check(epoch: int) -> bool:
+        if watch.update(method.sparsity(gs)):
+            record["epoch"] = epoch
+            return True
+        return False
+
+    return check
 
 
 def _check_fit(model: torch.nn.Module, data: Any, spec: JobSpec) -> None:

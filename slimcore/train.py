@@ -68,7 +68,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, spec: TrainSp
         teacher: nn.Module | None = None, method: Method | None = None, device: torch.device | None = None,
         seed: int = 0, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
         start_epoch: int = 0, opt_state: dict | None = None,
-        on_epoch_end: Callable[[int, dict], None] | None = None) -> bool:
+        on_epoch_end: Callable[[int, dict], None] | None = None,
+        stop_early: Callable[[int], bool] | None = None) -> bool:
     """Train ``model`` in place for ``spec.epochs`` epochs; False if ``should_stop`` cut it short.
 
     A resumed job passes ``start_epoch`` and the optimizer state saved by ``on_epoch_end(epochs_done,
@@ -84,8 +85,9 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, spec: TrainSp
                          seed=seed, pin_memory=device.type == "cuda")
     steps = max(1, len(loader))
     total = spec.epochs * steps
-    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum,
-                          weight_decay=spec.weight_decay)
+    # A method may put γ in its own parameter group (ISTA: no momentum, no weight decay on γ).
+    params = method.param_groups(model) if method is not None else model.parameters()
+    opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     amp = device.type == "cuda"
@@ -126,6 +128,8 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, spec: TrainSp
             last_report = time.monotonic()
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, opt.state_dict())
+        if stop_early is not None and stop_early(epoch + 1):
+            break
     return True
 
 

@@ -4,13 +4,22 @@ One signature for every method: a factory ``(MethodSpec, MethodContext) -> Metho
 ``after_backward()`` once gradients are final and unscaled (so AMP loss scaling cannot shrink the
 penalty, the Torch-Pruning pitfall in FINDINGS), then the optimizer step, then ``after_step(lr)`` for
 proximal updates. ``reduce`` says how coupled |γ| combine into one importance per channel.
+
+Lifecycle around sparse training (every hook has a no-op default, so ``l1`` needs none of them):
+``prepare(model)`` once before it (re-parametrise or rescale γ, keeping the function), the optimizer
+built from ``param_groups(model)`` (ISTA keeps momentum and weight decay off γ), the per-step hooks,
+then ``finalize(model)`` once after it, which leaves plain BatchNorms whose |γ| is the importance, so
+planning, pruning and export need nothing method-specific. ``importance_of``/``channel_importance``
+give the importance during training too (receding's γ is sigmoid(weight) until ``finalize``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
 from ..groups import GroupSet
@@ -23,6 +32,10 @@ class MethodContext:
     model: nn.Module
     groups: GroupSet
     bns: list[nn.modules.batchnorm._BatchNorm]
+    # An input batch (the pipeline's ``example``): ISTA measures feature-map sizes from it, and prepare()
+    # reports how much its rewrite changed the outputs. Optional: without it ISTA measures on the first
+    # training forward.
+    example: torch.Tensor | None = None
 
 
 class Method:
@@ -30,12 +43,59 @@ class Method:
 
     reduce = "max"
     strength: float = 0.0
+    near_zero: float = 1e-2  # importance below this counts as "sparse" in sparsity()
+
+    def prepare(self, model: nn.Module) -> None:
+        """Once, before the sparse-training optimizer is built (and before loading a resumed state)."""
+        return None
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: every parameter once; per-group overrides for method needs."""
+        return [{"params": list(model.parameters())}]
 
     def after_backward(self) -> None:
         return None
 
     def after_step(self, lr: float) -> None:
         return None
+
+    def finalize(self, model: nn.Module) -> None:
+        """Once, after sparse training: leave plain BatchNorms whose |γ| is the channel importance."""
+        return None
+
+    def importance_of(self, bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+        """Per-channel importance of one BN (|γ| unless the method re-parametrises γ)."""
+        return bn.weight.detach().abs().float()
+
+    @torch.no_grad()
+    def channel_importance(self, groups: GroupSet) -> torch.Tensor:
+        """Every prunable channel's importance (``reduce`` over coupled BNs), groups concatenated.
+
+        Same as ``ChannelGroup.importance`` but through ``importance_of``, so it is right mid-training.
+        """
+        out = []
+        for g in groups.groups:
+            dev = g.bns[0].module.weight.device
+            if self.reduce == "mean":
+                acc, cnt = torch.zeros(g.size, device=dev), torch.zeros(g.size, device=dev)
+                for b in g.bns:
+                    acc.index_add_(0, b.root_idx, self.importance_of(b.module)[b.bn_idx])
+                    cnt.index_add_(0, b.root_idx, torch.ones_like(b.root_idx, dtype=torch.float32))
+                out.append(acc / cnt.clamp_min(1))
+            else:
+                acc = torch.zeros(g.size, device=dev)
+                for b in g.bns:
+                    acc.scatter_reduce_(0, b.root_idx, self.importance_of(b.module)[b.bn_idx], reduce="amax")
+                out.append(acc)
+        return torch.cat([o.cpu() for o in out])
+
+    def sparsity(self, groups: GroupSet, threshold: float | None = None) -> float:
+        """Fraction of prunable channels whose importance is below ``threshold`` (default ``near_zero``).
+
+        One host sync: call it once per epoch (SparsityPlateau, the strength pilot), not per step.
+        """
+        imp = self.channel_importance(groups)
+        return float((imp < (self.near_zero if threshold is None else threshold)).float().mean())
 
     def describe(self) -> dict[str, object]:
         return {"strength": self.strength, "reduce": self.reduce}
@@ -44,4 +104,6 @@ class Method:
 MethodFactory = Callable[[MethodSpec, MethodContext], Method]
 METHODS: Registry[MethodFactory] = Registry("method")
 
-from . import l1  # noqa: E402,F401  (registers itself)
+from . import group_lasso, ista, l1, polarization, receding  # noqa: E402,F401  (register themselves)
+from .pilot import PILOT_RANGES, SparsityPlateau, pilot_strength  # noqa: E402,F401
+from .polarization import first_valley_threshold  # noqa: E402,F401
