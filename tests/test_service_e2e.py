@@ -67,12 +67,12 @@ def test_embedded_default(tmp_path, ts_model, digits, digits_cnn):
             garbage = tmp_path / "garbage.pt"
             garbage.write_bytes(b"\x00garbage" * 100)
             bad = c.wait(c.submit(garbage, QUICK, digits)["id"], poll=0.3, timeout=120)
-            assert bad["status"] == "failed" and "unrecognised model file" in bad["error"]["detail"]
+            assert bad["status"] == "failed" and "unrecognised model file" in bad["error"]["detail"], (bad, svc.logs())
             evil = tmp_path / "evil.zip"
             with zipfile.ZipFile(evil, "w") as z:
                 z.writestr("../../escape.png", b"x")
             bad = c.wait(c.submit(ts_model, QUICK, evil)["id"], poll=0.3, timeout=120)
-            assert bad["status"] == "failed" and "escapes" in bad["error"]["detail"]
+            assert bad["status"] == "failed" and "escapes" in bad["error"]["detail"], (bad, svc.logs())
             assert not (tmp_path / "escape.png").exists()
             with pytest.raises(SlimAPIError) as e:
                 c.get("0" * 32)
