@@ -100,9 +100,12 @@ def test_corrupt_model(tmp_path, digits):
     assert "unrecognised model file" in _bad(tmp_path, garbage, DIGITS_SPEC, digits)
 
 
-def test_onnx_passed_as_torchscript(tmp_path, digits, digits_cnn):
-    f = tmp_path / "model.pt"  # an ONNX file under a TorchScript-looking name
+def test_truncated_onnx_under_a_torchscript_name(tmp_path, digits, digits_cnn):
+    """Files are recognised by content, not name: an ONNX file called model.pt is read as ONNX, and a
+    truncated one is a one-line error."""
+    f = tmp_path / "model.pt"
     torch.onnx.export(digits_cnn, (torch.zeros(1, 1, 8, 8),), str(f), dynamo=False)
+    f.write_bytes(f.read_bytes()[:5000])
     msg = _bad(tmp_path, f, DIGITS_SPEC, digits)
     assert "onnx" in msg.lower()
 
@@ -147,3 +150,35 @@ def test_labels_beyond_model_classes(tmp_path, small_pt2):
 def test_missing_files(tmp_path, digits, small_pt2):
     assert "not found" in _bad(tmp_path, tmp_path / "nope.pt2", DIGITS_SPEC, digits)
     assert "not found" in _bad(tmp_path, small_pt2, DIGITS_SPEC, tmp_path / "nope.npz")
+
+
+def test_digits_onnx_folded_through_slim_run(tmp_path, digits, digits_cnn):
+    """Issue 4's promise: an eval-mode ONNX export (BatchNorm folded into Conv, so no γ) slims through
+    ``slim run``: BN re-inserted, ≥ 60% of parameters removed, accuracy within a point, a drop-in ONNX out."""
+    import onnx
+    import onnxruntime as ort
+
+    f = tmp_path / "digits.onnx"
+    torch.onnx.export(digits_cnn, (torch.zeros(2, 1, 8, 8),), str(f), dynamo=False, input_names=["pixels"],
+                      output_names=["scores"], dynamic_axes={"pixels": {0: "batch"}, "scores": {0: "batch"}},
+                      opset_version=17)
+    src = onnx.load(str(f))
+    assert not any(n.op_type == "BatchNormalization" and n.output[0].startswith("/features") for n in src.graph.node)
+    spec = write_spec(tmp_path / "spec.json", **{k: v for k, v in DIGITS_SPEC.items() if k != "input_shape"})
+    out, rep = tmp_path / "slim.onnx", tmp_path / "report.json"
+    r = run_slim("run", str(f), "--spec", str(spec), "--data", str(digits), "-o", str(out), "--report", str(rep))
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(rep.read_text())
+    assert len(report["reinserted_bn"]) >= 3  # the three folded convs got a γ back
+    base, fin = report["stages"]["baseline"], report["stages"]["finetuned"]
+    assert fin["params"] <= 0.4 * base["params"]
+    assert fin["accuracy"] >= base["accuracy"] - 0.01
+    slim = onnx.load(str(out))
+    onnx.checker.check_model(slim, full_check=True)
+    assert [i.name for i in slim.graph.input] == ["pixels"] and [o.name for o in slim.graph.output] == ["scores"]
+    assert slim.opset_import[0].version == 17
+    assert slim.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    d = np.load(digits)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    pred = sess.run(None, {"pixels": d["x_val"]})[0].argmax(1)
+    assert abs(float((pred == d["y_val"]).mean()) - fin["accuracy"]) < 1e-6
