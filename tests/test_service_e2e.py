@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 
@@ -63,6 +64,22 @@ def test_embedded_default(tmp_path, ts_model, digits, digits_cnn):
             assert r.returncode == 0 and (tmp_path / "cli.pt").read_bytes() == (tmp_path / "slim.pt").read_bytes()
             r = run_slim("cancel", done["id"], "--url", svc.url)
             assert r.returncode == 2 and "409" in r.stderr  # a finished job cannot be canceled
+            # an ONNX upload with BatchNorm folded (what exporters write) comes back as a drop-in ONNX
+            onnx_in = tmp_path / "digits.onnx"
+            torch.onnx.export(digits_cnn, (torch.zeros(2, 1, 8, 8),), str(onnx_in), dynamo=False,
+                              input_names=["pixels"], output_names=["scores"],
+                              dynamic_axes={"pixels": {0: "batch"}, "scores": {0: "batch"}})
+            spec = {k: v for k, v in QUICK.items() if k != "input_shape"}
+            oj = c.wait(c.submit(onnx_in, spec, digits)["id"], poll=0.3, timeout=300)
+            assert oj["status"] == "succeeded", (oj, svc.logs())
+            assert oj["summary"]["filename"].endswith(".onnx")
+            out = c.download(oj["id"], tmp_path / "slim.onnx")
+            import onnxruntime as ort
+
+            sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            assert [i.name for i in sess.get_inputs()] == ["pixels"]
+            assert sess.run(None, {"pixels": np.zeros((3, 1, 8, 8), "float32")})[0].shape == (3, 10)
+            assert c.report(oj["id"])["reinserted_bn"]
             # bad input the API cannot see (it never opens model files) fails the job, not the server
             garbage = tmp_path / "garbage.pt"
             garbage.write_bytes(b"\x00garbage" * 100)
