@@ -54,11 +54,12 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--archs", default="resnet18,mobilenet_v2,vgg11_bn")
     ap.add_argument("--repeat", type=int, default=30)
+    ap.add_argument("--round-to", type=int, default=1, help="prune.round_to: keep channel counts multiples of N")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     _load_plugins()
     print(f"torch={torch.__version__} onnxruntime={ort.__version__} threads={torch.get_num_threads()} "
-          f"input=1x3x{args.size}x{args.size}")
+          f"input=1x3x{args.size}x{args.size} round_to={args.round_to}")
     print(f"{'arch':<14}{'import s':>9}{'removed':>8}{'FLOPs':>8}{'ORT latency':>12}   (ratios slimmed/original)")
     for arch in args.archs.split(","):
         x = torch.randn(2, 3, args.size, args.size)
@@ -76,7 +77,8 @@ def main() -> None:
             for frac in (0.3, 0.5, 0.7):
                 m = copy.deepcopy(base)
                 gs = build_groups(m, x, [], imp.meta.get("unprunable"))
-                apply(m, gs, plan(m, gs, PruneSpec(target="channels", amount=frac), "max", x).remove, [x])
+                spec = PruneSpec(target="channels", amount=frac, round_to=args.round_to)
+                apply(m, gs, plan(m, gs, spec, "max", x).remove, [x])
                 out = Path(tmp) / f"s{frac}.onnx"
                 EXPORTERS.get("onnx")(m.eval(), imp, out, x)
                 t = ort_ms(out, x[:1].numpy(), args.repeat)
