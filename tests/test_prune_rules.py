@@ -122,3 +122,16 @@ def test_untrained_equal_gammas_fail_loudly(tmp_path, digits):
     spec = parse_spec({"sparse_training": {"epochs": 0}, "finetune": {"epochs": 0}})
     with pytest.raises(NothingToPrune, match="all BatchNorm γ are equal"):
         run_job(f, spec, digits, tmp_path / "o.pt2")
+
+
+def test_too_strong_penalty_is_named_in_the_report(tmp_path, digits, digits_cnn):
+    """A penalty that kills every channel during sparse training must not pass quietly."""
+    from slimcore.pipeline import run_job
+    from slimcore.spec import parse_spec
+    from tests.zoo import save_model
+
+    f = save_model(digits_cnn, "pt2", tmp_path / "m.pt2", torch.zeros(1, 1, 8, 8))
+    spec = parse_spec({"method": {"name": "l1", "strength": 0.5}, "sparse_training": {"epochs": 2, "lr": 0.02},
+                       "prune": {"target": "channels", "amount": 0.5}, "finetune": {"epochs": 1}})
+    report = run_job(f, spec, digits, tmp_path / "o.pt2")
+    assert any("penalty strength" in w and "too high" in w for w in report["warnings"])
