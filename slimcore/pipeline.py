@@ -201,7 +201,7 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
             and sparse_acc < base["accuracy"] - 0.2:
         rb.warn(f"sparse training itself dropped accuracy from {base['accuracy']:.3f} to {sparse_acc:.3f} before "
                 f"anything was removed: the penalty strength ({spec.method.strength}) is too high for this "
-                f"schedule and is driving every γ to zero; lower method.strength")
+                f"schedule (or sparse_training.lr is); lower method.strength")
     if spec.task == "classification" and base["accuracy"] is not None and fin["accuracy"] is not None \
             and fin["accuracy"] < base["accuracy"] - 0.05:
         rb.warn(f"accuracy dropped from {base['accuracy']:.3f} to {fin['accuracy']:.3f} after fine-tuning; "
