@@ -69,9 +69,13 @@ def test_embedded_default(tmp_path, ts_model, digits, digits_cnn):
             torch.onnx.export(digits_cnn, (torch.zeros(2, 1, 8, 8),), str(onnx_in), dynamo=False,
                               input_names=["pixels"], output_names=["scores"],
                               dynamic_axes={"pixels": {0: "batch"}, "scores": {0: "batch"}})
-            spec = {k: v for k, v in QUICK.items() if k != "input_shape"}
+            spec = {"method": {"name": "l1", "strength": 3e-3}, "sparse_training": {"epochs": 8, "lr": 0.02},
+                    "prune": {"target": "params", "amount": 0.62}, "finetune": {"epochs": 8, "lr": 0.01}}
             oj = c.wait(c.submit(onnx_in, spec, digits)["id"], poll=0.3, timeout=300)
             assert oj["status"] == "succeeded", (oj, svc.logs())
+            before, after = oj["summary"]["before"], oj["summary"]["after"]
+            assert after["params"] <= 0.4 * before["params"]  # ≥ 60% fewer parameters
+            assert after["accuracy"] >= before["accuracy"] - 0.01  # within a point
             assert oj["summary"]["filename"].endswith(".onnx")
             out = c.download(oj["id"], tmp_path / "slim.onnx")
             import onnxruntime as ort
