@@ -6,7 +6,9 @@ Models: the digits CNN (trained on scikit-learn digits, 8×8) and torchvision Re
 digits upsampled to 3×32×32. Same short schedule for every method (sparse 5 epochs, fine-tune 3), with
 strengths picked for that short schedule (the papers' defaults assume 160 epochs), so the table compares
 methods under equal budget, not their best settings.
-Run: .venv/bin/python bench/bench_methods.py [--models digits,resnet18] [--sparse 5] [--finetune 3]
+With ``--pilot`` no strength is given: the pipeline's strength pilot picks it (slimcore/strength.py), and
+the table adds the strength picked and the epoch sparse training stopped at.
+Run: .venv/bin/python bench/bench_methods.py [--models digits,resnet18] [--sparse 5] [--finetune 3] [--pilot]
 """
 
 from __future__ import annotations
@@ -48,11 +50,13 @@ def main() -> None:
     ap.add_argument("--models", default="digits,resnet18")
     ap.add_argument("--sparse", type=int, default=5)
     ap.add_argument("--finetune", type=int, default=3)
+    ap.add_argument("--pilot", action="store_true", help="give no strength: the strength pilot picks it")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
+    extra = " strength (pilot) | stopped at |" if args.pilot else ""
     print("| model | method | removed | acc before | acc pruned | acc fine-tuned | params removed | FLOPs removed "
-          "| final importances (0 → max) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"| final importances (0 → max) |{extra}")
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|" if args.pilot else ""))
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         for model_name in args.models.split(","):
@@ -72,15 +76,23 @@ def main() -> None:
                             "prune": {"target": "channels", "amount": amount},
                             "finetune": {"epochs": args.finetune, "lr": 0.01}}
                     if method is not None:
-                        spec["method"] = method
+                        spec["method"] = {k: v for k, v in method.items() if k != "strength" or not args.pilot}
                     r = run_job(path, parse_spec(json.dumps(spec)), npz, d / "out.pt2", device="cpu")
                     st = r["stages"]
                     imps = [v for lay in r["layers"] for v in _centers(lay["gamma_after"]["histogram"])]
                     print(f"| {model_name} | {label} | {amount:.0%} | {st['baseline']['accuracy']:.3f} "
                           f"| {st['pruned']['accuracy']:.3f} | {st['finetuned']['accuracy']:.3f} "
                           f"| {1 - st['finetuned']['params'] / st['baseline']['params']:.1%} "
-                          f"| {1 - st['finetuned']['flops'] / st['baseline']['flops']:.1%} | `{text_hist(imps)}` |",
-                          flush=True)
+                          f"| {1 - st['finetuned']['flops'] / st['baseline']['flops']:.1%} | `{text_hist(imps)}` |"
+                          + (_pilot_cells(r) if args.pilot else ""), flush=True)
+
+
+def _pilot_cells(r: dict) -> str:
+    p = r.get("pilot") or {}
+    if not p.get("used"):
+        return " – | – |"
+    stop = r.get("sparse_training_stopped_early_at")
+    return f" {p['strength']:.3g} (reached {p.get('sparsity_reached', 0):.0%}) | {stop or 'end'} |"
 
 
 def _centers(h: dict) -> list[float]:

@@ -29,6 +29,7 @@ from .methods import METHODS, MethodContext
 from .prune import apply, plan
 from .report import ReportBuilder, gamma_snapshot, layer_table
 from .spec import JobSpec
+from .strength import choose_strength
 from .train import device_of, evaluate, fit
 
 PHASES = ("importing", "sparse_training", "pruning", "finetuning", "exporting")
@@ -97,7 +98,15 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     reference = copy.deepcopy(model).eval()
     gs = build_groups(model, example, spec.prune.ignore, imported.meta.get("unprunable"))
     bns = all_bns(model)
-    method = METHODS.get(spec.method.name)(spec.method, MethodContext(model, gs, [b for _, b in bns], example))
+    warm: dict[str, Any] | None = None
+    early: dict[str, Any] = {}
+    if ck is not None and "pilot" in ck:
+        pilot = ck["pilot"]
+    else:
+        warm, pilot = choose_strength(model, spec, data, example, gs, imported.meta.get("unprunable"), device=dev,
+                                teacher=teacher, should_stop=should_stop, say=say)
+    mspec = spec.method if pilot["strength"] is None else spec.method.model_copy(update={"strength": pilot["strength"]})
+    method = METHODS.get(spec.method.name)(mspec, MethodContext(model, gs, [b for _, b in bns], example))
     rb = ReportBuilder({"name": spec.method.name, **method.describe()})
     for root, why in gs.skipped.items():
         rb.warn(f"layer {root} is not pruned: {why}")
@@ -109,34 +118,44 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
         ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev)
         rb.stage("baseline", **_stage(model, ev, example))
 
-    early: dict[str, Any] = {}
-
-    def fit_phase(phase: str, train_spec: Any, meth: Any, extra: dict[str, Any]) -> None:
+    def fit_phase(phase: str, train_spec: Any, meth: Any, extra: dict[str, Any],
+                  start: tuple[int, dict[str, Any]] | None = None) -> None:
         epochs = max(train_spec.epochs, 1)
-        resume = ck is not None and ck["phase"] == phase
+        if ck is not None and ck["phase"] == phase:
+            start = (ck["epoch"], ck["optimizer"])
 
         def report(m: dict[str, float]) -> None:
             say(phase, min(m.get("epoch", 0) / epochs, 1.0), m)
 
         def save(done: int, opt_state: dict) -> None:
             if checkpoints is not None:
-                checkpoints.save({"phase": phase, "epoch": done, "model": _cpu_state(model),
+                checkpoints.save({"phase": phase, "epoch": done, "model": _cpu_state(model), "pilot": pilot,
                                   "optimizer": opt_state, "stages": rb.stages, "gamma0": gamma0, **extra})
 
         finished = fit(model, data.x_train, data.y_train, train_spec, task=spec.task, teacher=teacher,
                        method=meth, device=dev, seed=spec.seed, progress=report, should_stop=should_stop,
-                       start_epoch=ck["epoch"] if resume else 0, opt_state=ck["optimizer"] if resume else None,
-                       on_epoch_end=save, stop_early=_plateau(meth, gs, early) if meth is not None else None)
+                       start_epoch=start[0] if start else 0, opt_state=start[1] if start else None,
+                       on_epoch_end=save, stop_early=_plateau(meth, gs, early, pilot) if meth is not None else None)
         if not finished:
             raise JobCanceled(phase)
 
     if ck is None or ck["phase"] == "sparse_training":
         if spec.sparse_training.epochs > 0:
             method.prepare(model)  # e.g. receding's bounded BN; checkpoints hold the prepared form
+        start = None
         if ck is not None:
             model.load_state_dict(ck["model"])
+        elif warm is not None:  # the chosen pilot is this run's beginning
+            model.load_state_dict(warm["model"])
+            start = (warm["epoch"], warm["optimizer"])
+            if warm["sparsity"] >= pilot["stop_at"]:
+                start = (spec.sparse_training.epochs, warm["optimizer"])
+                early.update(epoch=warm["epoch"], why=f"{warm['sparsity']:.0%} of channels near zero after the "
+                                                      f"pilot's {warm['epoch']} epochs, the target")
         say("sparse_training", 0.0, {})
-        fit_phase("sparse_training", spec.sparse_training, method, {})
+        fit_phase("sparse_training", spec.sparse_training, method, {}, start)
+        if pilot["used"]:
+            pilot["sparsity_reached"] = round(method.sparsity(gs, pilot["sparsity_threshold"]), 4)
         if spec.sparse_training.epochs > 0:
             method.finalize(model)  # plain BatchNorms again, |γ| = importance
         ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev)
@@ -200,13 +219,18 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     if spec.task == "classification" and base["accuracy"] is not None and sparse_acc is not None \
             and sparse_acc < base["accuracy"] - 0.2:
         rb.warn(f"sparse training itself dropped accuracy from {base['accuracy']:.3f} to {sparse_acc:.3f} before "
-                f"anything was removed: the penalty strength ({spec.method.strength}) is too high for this "
+                f"anything was removed: the penalty strength ({method.strength:g}) is too high for this "
                 f"schedule (or sparse_training.lr is); lower method.strength")
     if spec.task == "classification" and base["accuracy"] is not None and fin["accuracy"] is not None \
             and fin["accuracy"] < base["accuracy"] - 0.05:
         rb.warn(f"accuracy dropped from {base['accuracy']:.3f} to {fin['accuracy']:.3f} after fine-tuning; "
                 f"consider more fine-tuning epochs or a smaller amount")
     rb.method.update(method.describe())
+    reached = pilot.get("sparsity_reached")
+    if reached is not None and reached < pilot["stop_at"]:
+        rb.warn(f"the strength pilot aimed for {pilot['wanted_fraction']:.0%} of channels near zero after sparse "
+                f"training and reached {reached:.0%}: removal cost more accuracy than it needed to; give more "
+                f"sparse_training.epochs, more method.pilot_runs, or a method.strength")
     rb.extra.update({
         "format": {"in": imported.fmt, "out": fmt},
         "target": {"kind": p.target, "requested": p.requested, "achieved": round(p.achieved, 6)},
@@ -218,6 +242,8 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
         "resumed_from": f"{ck['phase']}:{ck['epoch']}" if ck else None,
         "reinserted_bn": reinserted,
         "sparse_training_stopped_early_at": early.get("epoch"),
+        "sparse_training_stopped_because": early.get("why"),
+        "pilot": pilot,
         "not_pruned": gs.skipped, "output_layers": gs.output_layers,
     })
     report = rb.build(threshold=p.threshold, layers=layer_table(gamma0, gamma1, channels_after, p.threshold),
@@ -227,15 +253,22 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     return report
 
 
-def _plateau(method: Any, gs: Any, record: dict[str, Any]) -> Callable[[int], bool]:
-    """Stop sparse training once γ sparsity has stopped changing (recorded in the report)."""
+def _plateau(method: Any, gs: Any, record: dict[str, Any], pilot: dict[str, Any]) -> Callable[[int], bool]:
+    """Stop sparse training once γ sparsity has stopped changing, or (piloted strength) once the wanted
+    fraction of channels is near zero: further epochs would only push more channels than the plan removes
+    toward zero, which costs accuracy and nothing else. Recorded in the report."""
     from .methods.pilot import SparsityPlateau
 
     watch = SparsityPlateau(patience=3, tol=0.01)
 
+    target, cut = pilot.get("stop_at"), pilot.get("sparsity_threshold")
+
     def check(epoch: int) -> bool:
+        if target is not None and method.sparsity(gs, cut) >= target:
+            record.update(epoch=epoch, why=f"{target:.0%} of channels near zero, the pilot's target")
+            return True
         if watch.update(method.sparsity(gs)):
-            record["epoch"] = epoch
+            record.update(epoch=epoch, why="γ sparsity stopped changing")
             return True
         return False
 

@@ -355,6 +355,30 @@ def test_pilot_bisects_in_log_space_with_few_runs():
     assert 3e-3 <= step < 1e-2  # no run within tol: the weakest that reached the target
 
 
+def test_pilot_goes_lower_after_a_damaging_run_and_never_returns_it():
+    calls: list[float] = []
+
+    def run(s: float) -> float | None:  # ≥ 1e-3 wrecks the network; below, sparsity grows with s
+        calls.append(s)
+        return None if s >= 1e-3 else min(1.0, s / 1e-3)
+
+    s = pilot_strength("l1", run, target_fraction=0.9, candidates=5, tol=0.01)
+    first_bad = next(i for i, c in enumerate(calls) if c >= 1e-3)
+    assert s < 1e-3 and calls[first_bad + 1] < calls[first_bad]  # after a damaging run the search goes lower
+    assert s == max(c for c in calls if c < 1e-3)  # none reached 0.9: the strongest safe one
+    assert pilot_strength("l1", lambda s: None, 0.5, candidates=3) == pytest.approx(10 ** -5.5)  # all damaged
+
+
+def test_schedule_range_tracks_the_schedule():
+    from slimcore.strength import schedule_range
+
+    short = schedule_range("l1", 0.5, lr=0.02, momentum=0.9, steps=40)
+    long = schedule_range("l1", 0.5, lr=0.02, momentum=0.9, steps=4000)
+    assert long[0] == pytest.approx(short[0] / 100) and short[0] < short[1] <= 10
+    # ISTA's γ step has no momentum: the same push needs 10× the strength
+    assert schedule_range("ista", 0.5, 0.02, 0.9, 4000)[0] == pytest.approx(long[0] * 10)
+
+
 def test_sparsity_plateau_waits_for_sparsity_then_stops_when_flat():
     p = SparsityPlateau(patience=2, tol=0.01)
     assert [p.update(f) for f in (0.0, 0.0, 0.0)] == [False] * 3  # still building up: not a plateau

@@ -27,3 +27,43 @@ def test_method_end_to_end(tmp_path, digits, digits_cnn, name, params):
     assert st["finetuned"]["accuracy"] > 0.9
     out = torch.export.load(str(tmp_path / "out.pt2")).module()
     assert out(torch.zeros(4, 1, 8, 8)).shape == (4, 10)
+
+
+def test_strength_pilot_picks_and_the_run_continues_from_it(tmp_path, digits, digits_cnn):
+    """No strength in the spec: the pilot's runs, their sparsity and accuracy, the chosen strength and the
+    warm start are all in the report, and the real run is the chosen pilot's continuation."""
+    model = save_model(digits_cnn, "pt2", tmp_path / "m.pt2", torch.zeros(1, 1, 8, 8))
+    spec = parse_spec({"method": {"name": "polarization", "pilot_runs": 3},
+                       "sparse_training": {"epochs": 6, "lr": 0.02}, "prune": {"target": "channels", "amount": 0.5},
+                       "finetune": {"epochs": 1, "lr": 0.01}})
+    report = run_job(model, spec, digits, tmp_path / "out.pt2")
+    p = report["pilot"]
+    assert p["used"] and p["wanted_fraction"] == 0.5 and p["pilot_epochs"] == 2
+    assert 1 <= len(p["tries"]) <= 3 and p["range"][0] < p["strength"] <= p["range"][1]
+    chosen = next(t for t in p["tries"] if t["strength"] == float(f"{p['strength']:.4g}"))
+    assert not chosen["damaged"]
+    assert report["method"]["strength"] == p["strength"]
+    st = report["stages"]
+    if report["sparse_training_stopped_early_at"] == p["pilot_epochs"]:  # the pilot's end was the target
+        assert st["sparse"]["accuracy"] == pytest.approx(chosen["accuracy"], abs=1e-4)
+        assert p["sparsity_reached"] == pytest.approx(chosen["sparsity"], abs=1e-4)
+    assert p["sparsity_reached"] >= p["stop_at"] or any("strength pilot aimed" in w for w in report["warnings"])
+    # polarization under a piloted strength keeps the network working through the removal itself
+    assert st["pruned"]["accuracy"] > 0.6
+
+
+def test_pilot_says_why_it_did_not_run(digits, digits_cnn):
+    from slimcore.groups import build_groups
+    from slimcore.strength import choose_strength
+
+    x = torch.zeros(2, 1, 8, 8)
+    gm = torch.fx.symbolic_trace(digits_cnn)
+    for body, why in [({"method": {"name": "l1", "strength": 1e-3}}, "gives method.strength"),
+                      ({"prune": {"target": "threshold", "amount": 0.01}}, "sets its own cut"),
+                      ({"method": {"name": "ista", "pilot_runs": 0}}, "pilot_runs is 0"),
+                      ({"sparse_training": {"epochs": 0}}, "no sparse training")]:
+        spec = parse_spec({"input_shape": [1, 1, 8, 8], **body})
+        warm, rec = choose_strength(gm, spec, None, x, build_groups(gm, x, []), None,
+                                    device=torch.device("cpu"), teacher=None, should_stop=None,
+                                    say=lambda *a: None)
+        assert warm is None and not rec["used"] and why in rec["why"] and rec["strength"] is None

@@ -44,6 +44,9 @@ class Method:
     reduce = "max"
     strength: float = 0.0
     near_zero: float = 1e-2  # importance below this counts as "sparse" in sparsity()
+    # True when the method drives importances to exact zeros (ISTA): the strength pilot then counts only
+    # those, instead of importances under a tenth of the starting median.
+    exact_zeros: bool = False
 
     def prepare(self, model: nn.Module) -> None:
         """Once, before the sparse-training optimizer is built (and before loading a resumed state)."""

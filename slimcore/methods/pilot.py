@@ -30,13 +30,14 @@ PILOT_RANGES: dict[str, tuple[float, float]] = {
 }
 
 
-def pilot_strength(method_name: str, make_run: Callable[[float], float], target_fraction: float,
+def pilot_strength(method_name: str, make_run: Callable[[float], float | None], target_fraction: float,
                    candidates: int = 5, bounds: tuple[float, float] | None = None, tol: float = 0.05) -> float:
     """Log-spaced bisection for the strength whose short run puts ``target_fraction`` of γ under threshold.
 
     ``make_run(strength)`` trains briefly from the same starting point and returns the fraction of γ
-    under the threshold; it is called at most ``candidates`` times. ``bounds`` overrides the method's
-    range in ``PILOT_RANGES``.
+    under the threshold, or None when that strength damaged the network (too strong: the search goes
+    lower and never returns it unless every run did); it is called at most ``candidates`` times.
+    ``bounds`` overrides the method's range in ``PILOT_RANGES``.
     """
     if not 0 < target_fraction <= 1:
         raise ValueError(f"target_fraction must be in (0, 1], got {target_fraction}")
@@ -47,9 +48,15 @@ def pilot_strength(method_name: str, make_run: Callable[[float], float], target_
         raise ValueError(f"bad strength range {lo}..{hi}")
     a, b = math.log10(lo), math.log10(hi)
     tried: dict[float, float] = {}
+    damaged: list[float] = []
     for _ in range(candidates):
         s = 10 ** ((a + b) / 2)
-        frac = float(make_run(s))
+        result = make_run(s)
+        if result is None:
+            damaged.append(s)
+            b = math.log10(s)
+            continue
+        frac = float(result)
         tried[s] = frac
         if abs(frac - target_fraction) <= tol:
             return s
@@ -57,6 +64,8 @@ def pilot_strength(method_name: str, make_run: Callable[[float], float], target_
             a = math.log10(s)
         else:
             b = math.log10(s)
+    if not tried:
+        return min(damaged)
     reached = [s for s, f in tried.items() if f >= target_fraction - tol]
     return min(reached) if reached else max(tried)
 
