@@ -15,7 +15,7 @@ from fastapi.openapi.utils import get_openapi
 
 from slimcore.spec import JobSpec
 
-from . import system
+from . import dashboard, system
 from .auth import InsecureBindError, check_bind
 from .db import init_db, make_engine, make_session_factory
 from .jobs import endpoints as jobs_endpoints
@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None, *, host: str | None = None) -> 
     app.state.metrics = Metrics(repo.count_by_status)
     install_problem_handlers(app)
     app.include_router(system.router)
+    app.include_router(dashboard.router)
     app.include_router(jobs_endpoints.router)
     app.add_middleware(LatencyMiddleware, metrics=app.state.metrics)
 

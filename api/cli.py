@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 USAGE = """usage: slim <command> [options]
 
@@ -62,14 +61,17 @@ def _submit(argv: list[str]) -> int:
     ap.add_argument("model")
     ap.add_argument("--spec", required=True)
     ap.add_argument("--data", required=True)
-    ap.add_argument("--wait", action="store_true", help="poll until the job ends, then download")
-    ap.add_argument("-o", "--output", help="where to download the slimmed model (implies --wait)")
+    ap.add_argument("--wait", action="store_true",
+                    help="follow the job's progress until it ends, print a summary, download the result")
+    ap.add_argument("-o", "--output", help="where to download the slimmed model (implies --wait; default: the "
+                                           "server's suggested name in the current directory)")
     ap.add_argument("--url", default=os.environ.get("SLIM_URL", "http://127.0.0.1:8000"))
     ap.add_argument("--api-key", default=os.environ.get("SLIM_API_KEY"))
     args = ap.parse_args(argv)
     import httpx
 
     from .client import SlimAPIError, SlimClient
+    from .progress import ProgressView, summary_table
 
     for p in (args.model, args.data, args.spec):
         if not Path(p).is_file():
@@ -82,24 +84,17 @@ def _submit(argv: list[str]) -> int:
             if not (args.wait or args.output):
                 print(json.dumps(job))
                 return 0
-            last: dict[str, Any] = {}
-
-            def show(j: dict[str, Any]) -> None:
-                key = (j["status"], j.get("phase"), round(j.get("progress") or 0, 2))
-                if key != last.get("k"):
-                    last["k"] = key
-                    m = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                  for k, v in (j.get("metrics") or {}).items())
-                    print(f"{j['status']:<9} {j.get('phase') or '':<15} {100 * (j.get('progress') or 0):5.1f}% {m}",
-                          file=sys.stderr)
-
-            job = c.wait(job["id"], on_update=show)
+            view = ProgressView()
+            job = c.wait(job["id"], on_update=view.update)
+            view.finish(job)
             if job["status"] != "succeeded":
                 err = job.get("error") or {}
-                print(f"slim: error: job {job['status']}: {err.get('detail', '')}", file=sys.stderr)
+                print(f"slim: error: job {job['id']} {job['status']}: {err.get('detail', '')}".rstrip(": "),
+                      file=sys.stderr)
                 return 1
-            if args.output:
-                c.download(job["id"], Path(args.output))
+            print(summary_table(job), file=sys.stderr)
+            name = args.output or (job.get("summary") or {}).get("filename") or f"slim-{job['id']}"
+            print(f"downloaded {c.download(job['id'], Path(name))}", file=sys.stderr)
             print(json.dumps(job))
             return 0
     except SlimAPIError as e:

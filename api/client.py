@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,18 +85,52 @@ class SlimClient:
     def report(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/jobs/{job_id}/report").json()
 
-    def wait(self, job_id: str, *, poll: float = 1.0, on_update: Callable[[dict[str, Any]], None] | None = None,
-             timeout: float | None = None) -> dict[str, Any]:
-        t0 = time.monotonic()
+    def events(self, job_id: str) -> Iterator[dict[str, Any]]:
+        """The job record each time it changes, from ``GET /jobs/{id}/events`` (server-sent events), ending
+        after the job has finished. Raises SlimAPIError for a problem answer, httpx errors if the stream
+        breaks."""
+        with self.http.stream("GET", f"/jobs/{job_id}/events", timeout=httpx.Timeout(30.0, read=60.0)) as r:
+            if r.status_code >= 400:
+                r.read()
+                raise SlimAPIError(r.status_code, r.json() if r.content else {})
+            event, data = "message", []
+            for line in r.iter_lines():
+                if line == "":
+                    if event == "job" and data:
+                        yield json.loads("\n".join(data))
+                    if event == "end":
+                        return
+                    event, data = "message", []
+                elif line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].lstrip())
+
+    def updates(self, job_id: str, *, poll: float = 1.0, events: bool = True) -> Iterator[dict[str, Any]]:
+        """The job record as it changes: from its server-sent events, falling back to polling every ``poll``
+        seconds if the stream is unavailable or breaks (a proxy that buffers, an older server). Endless:
+        the caller stops at a terminal status."""
+        if events:
+            try:
+                yield from self.events(job_id)
+            except (httpx.TransportError, SlimAPIError):
+                pass  # polling answers the same question, and raises the server's problem if there is one
         while True:
-            job = self.get(job_id)
+            yield self.get(job_id)
+            time.sleep(poll)
+
+    def wait(self, job_id: str, *, poll: float = 1.0, on_update: Callable[[dict[str, Any]], None] | None = None,
+             timeout: float | None = None, events: bool = True) -> dict[str, Any]:
+        """Until the job has finished; ``on_update`` sees every record on the way."""
+        t0 = time.monotonic()
+        for job in self.updates(job_id, poll=poll, events=events):
             if on_update is not None:
                 on_update(job)
             if job["status"] in TERMINAL:
                 return job
             if timeout is not None and time.monotonic() - t0 > timeout:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout:.0f}s")
-            time.sleep(poll)
+        raise AssertionError("unreachable: updates() never ends")
 
     def download(self, job_id: str, dest: Path) -> Path:
         with self.http.stream("GET", f"/jobs/{job_id}/model") as r:

@@ -23,6 +23,7 @@ from fsspec.implementations.local import LocalFileSystem
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _CHECKPOINT = re.compile(r"^checkpoints/[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 NAMES = frozenset({"model", "dataset", "result", "report.json"})
+PLOT = re.compile(r"^plots/[a-z_]{1,32}\.png$")  # the report's PNGs (slimcore/plots.py)
 CHUNK = 1024 * 1024
 
 
@@ -37,7 +38,7 @@ class UploadTooLarge(Exception):
 def _check(job_id: str, name: str) -> None:
     if not JOB_ID.match(job_id):
         raise ValueError(f"not a job id: {job_id!r}")
-    if name not in NAMES and not _CHECKPOINT.match(name):
+    if name not in NAMES and not _CHECKPOINT.match(name) and not PLOT.match(name):
         raise ValueError(f"not an artifact name: {name!r}")
 
 

@@ -38,6 +38,10 @@ def _run(args: argparse.Namespace) -> int:
     text = json.dumps(report, indent=2)
     if args.report:
         Path(args.report).write_text(text)
+    if args.plots:
+        from .plots import write_plots
+
+        write_plots(report, Path(args.plots))
     for w in report["warnings"]:
         print(f"warning: {w}", file=sys.stderr)
     st = report["stages"]
@@ -59,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", required=True, help=".npz or ImageFolder .zip/.tar.gz")
     run.add_argument("-o", "--output", required=True, help="where to write the slimmed model")
     run.add_argument("--report", help="where to write the gamma report JSON")
+    run.add_argument("--plots", help="a directory for the report's PNG plots (gamma, channels, stages)")
     run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when present)")
     return ap
 

@@ -39,9 +39,10 @@ def test_digits_slimmed_keeps_accuracy(tmp_path, digits, digits_cnn, fmt):
     spec = write_spec(tmp_path / "spec.json", **DIGITS_SPEC)
     out, rep = tmp_path / f"slim.{fmt}", tmp_path / "report.json"
     r = run_slim("run", str(model_path), "--spec", str(spec), "--data", str(digits), "-o", str(out),
-                 "--report", str(rep))
+                 "--report", str(rep), "--plots", str(tmp_path / "plots"))
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(rep.read_text())
+    assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == ["channels.png", "gamma.png", "stages.png"]
     base, fin = report["stages"]["baseline"], report["stages"]["finetuned"]
     assert fin["params"] <= 0.4 * base["params"]
     assert fin["flops"] < base["flops"]

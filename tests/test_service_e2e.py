@@ -51,10 +51,12 @@ def test_embedded_default(tmp_path, ts_model, digits, digits_cnn):
     try:
         svc.start_api()
         with SlimClient(svc.url) as c:
-            job = c.submit(ts_model, QUICK, digits)
+            # fine-tuning long enough (~1 s) for a 0.3 s poll to see it
+            job = c.submit(ts_model, {**QUICK, "finetune": {"epochs": 4, "lr": 0.01, "batch_size": 16}}, digits)
             assert job["status"] == "queued"
             phases: set[str] = set()
-            done = c.wait(job["id"], poll=0.3, timeout=300, on_update=lambda j: phases.add(j.get("phase") or ""))
+            done = c.wait(job["id"], poll=0.3, timeout=300, events=False,
+                          on_update=lambda j: phases.add(j.get("phase") or ""))
             _check_success(c, done, tmp_path, sum(p.numel() for p in digits_cnn.parameters()))
             assert {"sparse_training", "finetuning"} <= phases
             # the command-line client on the same job

@@ -95,7 +95,7 @@ def run(job_id: str, store: JobStore, *, worker_name: str | None = None, device:
 
     def progress(phase: str, frac: float, metrics: dict[str, Any]) -> None:
         now = time.monotonic()
-        if phase == last["phase"] and now - last["t"] < 2 and frac < 1:
+        if phase == last["phase"] and now - last["t"] < 1 and frac < 1:  # one store write a second at most
             return
         lo, hi = PHASE_SPAN.get(phase, (0.0, 1.0))
         last.update(t=now, phase=phase)
@@ -108,7 +108,9 @@ def run(job_id: str, store: JobStore, *, worker_name: str | None = None, device:
             spec = parse_spec(job["spec"])
             out = scratch / "result"
             report = _run_pipeline(model, spec, data, out, scratch, progress, live, store, job_id, device)
+            plots = _draw(report)
             store.save_outputs(job_id, out, json.dumps(report).encode())
+            store.save_plots(job_id, plots)
             summary = summary_of(report)
             stem = Path(job.get("model_name") or "model").stem
             summary["filename"] = f"slim-{stem}{EXTENSIONS.get(report['format']['out'], '')}"
@@ -128,6 +130,18 @@ def run(job_id: str, store: JobStore, *, worker_name: str | None = None, device:
         return "failed"
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _draw(report: dict[str, Any]) -> dict[str, bytes]:
+    """Render the report's PNGs; a failure to draw is a report warning, never a failed job."""
+    try:
+        from slimcore.plots import render_plots
+
+        return render_plots(report)
+    except Exception as e:  # a plotting bug must not throw away a finished model
+        log.exception("plots failed")
+        report["warnings"].append(f"the report's plots could not be drawn ({type(e).__name__}: {e})")
+        return {}
 
 
 def _run_pipeline(model: Path, spec: Any, data: Path, out: Path, scratch: Path, progress: Any, live: _Liveness,

@@ -71,6 +71,10 @@ class JobStore:
         self.artifacts.put_file(job_id, "result", result)
         self.artifacts.put_stream(job_id, "report.json", [report])
 
+    def save_plots(self, job_id: str, plots: dict[str, bytes]) -> None:
+        for name, data in plots.items():
+            self.artifacts.put_stream(job_id, f"plots/{name}.png", [data])
+
     def read_checkpoint(self, job_id: str) -> bytes | None:
         if not self.artifacts.exists(job_id, CHECKPOINT):
             return None

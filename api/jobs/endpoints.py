@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from ..auth import Owner
+from ..problems import ProblemError
 from .report_html import CSP, render_report
 from .schemas import JobList, JobRecord
 from .service import JobService
@@ -89,6 +94,46 @@ def get_job(job_id: str, owner: Owner, service: Service) -> JobRecord:
     return JobRecord.of(service.get(owner, job_id))
 
 
+SSE_POLL_S = 0.5
+SSE_KEEPALIVE_S = 15.0
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse, responses={
+    200: {"description": "server-sent events: `job` (the job record, whenever it changes) until `end`",
+          "content": {"text/event-stream": {}}}, **problems(404)},
+    summary="Follow a job's progress without polling")
+async def job_events(job_id: str, request: Request, owner: Owner, service: Service) -> StreamingResponse:
+    """One `job` event at once, one per change (status, phase, progress, metrics), then `end` once the job has
+    finished. The server watches the store, so it works the same with the embedded worker and remote ones."""
+    first = JobRecord.of(service.get(owner, job_id))  # 404 before the stream starts
+
+    async def stream() -> AsyncIterator[str]:
+        record, last_sent, quiet = first, None, 0.0
+        while True:
+            body = record.model_dump_json()
+            if body != last_sent:
+                yield f"event: job\ndata: {body}\n\n"
+                last_sent, quiet = body, 0.0
+            if record.status in ("succeeded", "failed", "canceled"):
+                yield f"event: end\ndata: {json.dumps({'status': record.status})}\n\n"
+                return
+            if quiet >= SSE_KEEPALIVE_S:
+                yield ": keep-alive\n\n"
+                quiet = 0.0
+            await asyncio.sleep(SSE_POLL_S)
+            quiet += SSE_POLL_S
+            if await request.is_disconnected():
+                return
+            try:
+                record = JobRecord.of(await run_in_threadpool(service.get, owner, job_id))
+            except ProblemError as e:  # deleted while watched: say so and end, headers are long gone
+                yield f"event: end\ndata: {json.dumps({'status': 'gone', 'detail': e.detail})}\n\n"
+                return
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 @router.post("/{job_id}/cancel", status_code=202, response_model=JobRecord, responses=problems(404, 409),
              description="A queued job is canceled at once; a running one is stopped by its worker shortly.")
 def cancel_job(job_id: str, owner: Owner, service: Service) -> JobRecord:
@@ -116,4 +161,15 @@ def get_report(job_id: str, owner: Owner, service: Service) -> JSONResponse:
 @router.get("/{job_id}/report.html", response_class=HTMLResponse, responses=problems(404, 409))
 def get_report_html(job_id: str, owner: Owner, service: Service) -> HTMLResponse:
     report = service.report(owner, job_id)
-    return HTMLResponse(render_report(job_id, report), headers={"Content-Security-Policy": CSP})
+    return HTMLResponse(render_report(job_id, report, service.plots(owner, job_id)),
+                        headers={"Content-Security-Policy": CSP})
+
+
+@router.get("/{job_id}/plots/{name}.png", response_class=Response, responses={
+    200: {"description": "one of the report's plots", "content": {"image/png": {}}}, **problems(404, 409)},
+    summary="A plot of the gamma report: stages, channels or gamma")
+def get_plot(job_id: str, name: str, owner: Owner, service: Service) -> Response:
+    data = service.plots(owner, job_id).get(name)
+    if data is None:
+        raise ProblemError(404, "no-such-plot", f"job {job_id} has no plot {name!r}; plots: stages, channels, gamma")
+    return Response(data, media_type="image/png")

@@ -1,4 +1,5 @@
-"""The gamma report as one self-contained HTML page (inline CSS and SVG, no scripts, no fetches).
+"""The gamma report as one self-contained HTML page (inline CSS, SVG and PNGs as data URIs; no scripts,
+no fetches), so it can be saved, mailed or attached to a model review as one file.
 
 Layer names come from an uploaded, untrusted model, so every value is escaped, and the endpoint
 serves the page with a Content-Security-Policy that forbids scripts anyway.
@@ -6,6 +7,7 @@ serves the page with a Content-Security-Policy that forbids scripts anyway.
 
 from __future__ import annotations
 
+import base64
 import json
 from html import escape
 from typing import Any
@@ -16,6 +18,7 @@ _STYLE = """
 body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#f3f3f3}td.l,th.l{text-align:left}.warn{color:#a60}svg{display:block}
+figure{margin:1em 0}figcaption{font-weight:600}img{max-width:100%}
 .k{display:inline-block;width:10px;height:10px;margin:0 4px 0 12px}
 """
 
@@ -99,21 +102,65 @@ def _layer_table(layers: list[Any], threshold: Any) -> str:
             + "".join(rows) + "</table>")
 
 
-def render_report(job_id: str, report: dict[str, Any]) -> str:
-    summary = {k: report.get(k) for k in ("method", "threshold", "target", "format", "model_bytes",
-                                          "output_deviation") if k in report}
-    summary_rows = "".join(f'<tr><th class="l">{escape(k)}</th><td class="l">{_fmt(v)}</td></tr>'
-                           for k, v in summary.items())
+def _pct(before: int | float | None, after: int | float | None) -> str:
+    if before is None or after is None or before == 0:
+        return ""
+    return f"{100 * (after - before) / before:+.1f}%"
+
+
+def _summary(report: dict[str, Any]) -> str:
+    """The numbers people decide on, before → after; each cell carries its raw value in ``data-value``."""
+    stages = report.get("stages") if isinstance(report.get("stages"), dict) else {}
+    base = stages.get("baseline") if isinstance(stages.get("baseline"), dict) else {}
+    fin = stages.get("finetuned") if isinstance(stages.get("finetuned"), dict) else {}
+    mb = report.get("model_bytes") if isinstance(report.get("model_bytes"), dict) else {}
+    quality = "accuracy" if _num(base.get("accuracy")) is not None else "distillation_error"
+    def v(d: dict[str, Any], k: str) -> int | float | None:  # ints stay ints: 122,282 parameters, not 1.223e+05
+        x = d.get(k)
+        return x if _num(x) is not None else None
+
+    rows = [("model size (bytes)", "size", v(mb, "before"), v(mb, "after")),
+            ("parameters", "params", v(base, "params"), v(fin, "params")),
+            ("FLOPs", "flops", v(base, "flops"), v(fin, "flops")),
+            ("CPU latency (ms)", "latency_ms", v(base, "latency_ms"), v(fin, "latency_ms")),
+            (quality.replace("_", " "), quality, v(base, quality), v(fin, quality))]
+    body = "".join(
+        f'<tr><th class="l">{escape(label)}</th><td data-k="{key}-before" data-value="{b!r}">{_fmt(b)}</td>'
+        f'<td data-k="{key}-after" data-value="{a!r}">{_fmt(a)}</td><td>{_pct(b, a)}</td></tr>'
+        for label, key, b, a in rows if b is not None or a is not None)
+    return ('<table id="summary"><tr><th class="l"></th><th>before</th><th>after</th><th>change</th></tr>'
+            f"{body}</table>")
+
+
+def _plots(plots: dict[str, bytes]) -> str:
+    if not plots:
+        return '<h2>Plots</h2><p class="warn">This job stored no plots (it ran before plots existed, or drawing ' \
+               "them failed: see the warnings).</p>"
+    titles = {"stages": "By stage", "channels": "Channels kept per layer", "gamma": "|γ| before and after"}
+    imgs = "".join(f'<figure><figcaption>{escape(titles.get(n, n))}</figcaption><img alt="{escape(n)}" '
+                   f'id="plot-{escape(n)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+                   f"</figure>" for n, data in plots.items())
+    return f"<h2>Plots</h2>{imgs}"
+
+
+def render_report(job_id: str, report: dict[str, Any], plots: dict[str, bytes] | None = None) -> str:
+    """Summary first, then warnings, plots, the per-layer table and the method's details."""
+    details = {k: report.get(k) for k in ("method", "threshold", "target", "format", "removed_channels",
+                                          "output_deviation", "pilot", "sparse_training_stopped_early_at",
+                                          "sparse_training_stopped_because") if report.get(k) is not None}
+    detail_rows = "".join(f'<tr><th class="l">{escape(k)}</th><td class="l">{_fmt(v)}</td></tr>'
+                          for k, v in details.items())
     warnings = [w for w in report.get("warnings") or [] if isinstance(w, str)]
-    warn_html = ("<h2>Warnings</h2><ul>" + "".join(f'<li class="warn">{escape(w)}</li>' for w in warnings)
-                 + "</ul>") if warnings else ""
+    warn_html = ('<h2>Warnings</h2><ul id="warnings">' + "".join(f'<li class="warn">{escape(w)}</li>' for w in warnings)
+                 + "</ul>") if warnings else '<p id="warnings">No warnings.</p>'
     stages = report.get("stages")
     layers = report.get("layers")
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>slim report {escape(job_id)}</title>'
         f"<style>{_STYLE}</style></head><body><h1>Gamma report</h1><p>job {escape(job_id)}</p>"
-        f"<table>{summary_rows}</table>{warn_html}"
-        f"{_stage_table(stages) if isinstance(stages, dict) else ''}"
+        f"{_summary(report)}{warn_html}{_plots(plots or {})}"
         f"{_layer_table(layers, report.get('threshold')) if isinstance(layers, list) else ''}"
+        f"{_stage_table(stages) if isinstance(stages, dict) else ''}"
+        f"<h2>Details</h2><table>{detail_rows}</table>"
         "</body></html>"
     )

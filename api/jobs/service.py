@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
+from slimcore.plots import PLOTS  # torch-free, like slimcore.spec
 from slimcore.spec import JobSpec, format_validation_error
 
 from ..db import utcnow
@@ -214,6 +215,17 @@ class JobService:
                                job_status=job.status)
         with self.store.open_read(job_id, "report.json") as f:
             return json.load(f)
+
+
+    def plots(self, owner: str | None, job_id: str) -> dict[str, bytes]:
+        """The report's stored PNGs by name (none for jobs that ran before plots existed)."""
+        self.report(owner, job_id)  # same 404/409 as the report
+        out = {}
+        for name in PLOTS:
+            if self.store.exists(job_id, f"plots/{name}.png"):
+                with self.store.open_read(job_id, f"plots/{name}.png") as f:
+                    out[name] = f.read()
+        return out
 
 
 def download_name(job: Job) -> str:

@@ -1,0 +1,136 @@
+"""The gamma report drawn as PNGs (matplotlib, Agg): what people look at before shipping a slimmed model.
+
+Torch-free on purpose: it reads only the report dict, so the worker draws after the job, ``slim run
+--plots DIR`` draws locally, and a report from an older run can be drawn again.
+
+Three figures (``PLOTS``):
+- ``gamma``: per layer, the |γ| histogram before (grey) and after (blue) sparse training on the layer's
+  shared bin edges, with the pruning threshold as a red line. Up to ``MAX_LAYERS`` layers, the largest
+  first, so a ResNet-152 stays readable; the title says when layers were left out.
+- ``channels``: channels per layer before vs after, as horizontal bars.
+- ``stages``: accuracy (or distillation error), parameters, FLOPs and CPU latency for each stage.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+PLOTS = ("stages", "channels", "gamma")  # the order the report page shows them in
+MAX_LAYERS = 48
+STAGE_ORDER = ("baseline", "sparse", "pruned", "finetuned")
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def _layers(report: dict[str, Any]) -> list[dict[str, Any]]:
+    return [lay for lay in report.get("layers") or [] if isinstance(lay, dict) and "name" in lay]
+
+
+def gamma_png(report: dict[str, Any]) -> bytes:
+    plt = _plt()
+    layers = _layers(report)
+    shown = sorted(layers, key=lambda lay: -int(lay.get("channels_before") or 0))[:MAX_LAYERS]
+    shown.sort(key=layers.index)
+    cols = min(4, max(1, len(shown)))
+    rows = max(1, math.ceil(len(shown) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 1.9 * rows + 0.6), squeeze=False)
+    thr = report.get("threshold")
+    for ax, lay in zip(axes.flat, shown, strict=False):
+        for key, color, label in (("gamma_before", "#9a9a9a", "before"), ("gamma_after", "#3a7bd5", "after")):
+            h = (lay.get(key) or {}).get("histogram") or {}
+            edges, counts = h.get("edges") or [], h.get("counts") or []
+            if len(edges) == len(counts) + 1 and counts:
+                ax.stairs(counts, edges, fill=True, alpha=0.55, color=color, label=label)
+        if isinstance(thr, int | float):
+            ax.axvline(float(thr), color="#c00", lw=1, label="threshold")
+        ax.set_title(f"{lay['name']}  {lay.get('channels_before')}→{lay.get('channels_after')}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    if shown:
+        axes.flat[0].legend(fontsize=7, frameon=False)
+    more = f" ({len(shown)} of {len(layers)} layers, the widest)" if len(shown) < len(layers) else ""
+    fig.suptitle(f"|γ| per layer before and after sparse training{more}", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def channels_png(report: dict[str, Any]) -> bytes:
+    plt = _plt()
+    layers = _layers(report)
+    names = [str(lay["name"]) for lay in layers]
+    before = [int(lay.get("channels_before") or 0) for lay in layers]
+    after = [int(lay.get("channels_after") or 0) for lay in layers]
+    fig, ax = plt.subplots(figsize=(7, 0.22 * len(layers) + 1.2))
+    y = list(range(len(layers)))
+    ax.barh(y, before, color="#cfcfcf", label="before")
+    ax.barh(y, after, color="#3a7bd5", label="after")
+    ax.set_yticks(y, names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("channels")
+    kept = sum(after) / max(sum(before), 1)
+    ax.set_title(f"channels kept per layer: {sum(after):,} of {sum(before):,} ({kept:.0%})", fontsize=10)
+    ax.legend(fontsize=8, frameon=False, loc="lower right")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def stages_png(report: dict[str, Any]) -> bytes:
+    plt = _plt()
+    stages = report.get("stages") or {}
+    names = [s for s in STAGE_ORDER if isinstance(stages.get(s), dict)]
+    names += [s for s in stages if s not in names and isinstance(stages[s], dict)]
+    quality = "accuracy" if any(stages[s].get("accuracy") is not None for s in names) else "distillation_error"
+    panels = [(quality, quality.replace("_", " ")), ("params", "parameters"), ("flops", "FLOPs"),
+              ("latency_ms", "CPU latency (ms)")]
+    fig, axes = plt.subplots(1, 4, figsize=(12, 2.8))
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        vals = [stages[s].get(key) for s in names]
+        xs = [i for i, v in enumerate(vals) if isinstance(v, int | float)]
+        ax.bar(xs, [float(vals[i]) for i in xs], color=["#9a9a9a" if names[i] == "baseline" else "#3a7bd5"
+                                                      for i in xs])
+        for i in xs:
+            v = float(vals[i])
+            ax.annotate(f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3g}".replace("e+0", "e"), (i, v),
+                        ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(names)), names, fontsize=7, rotation=20)
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.suptitle("by stage", fontsize=10)
+    fig.tight_layout()
+    return _png(fig)
+
+
+_DRAW = {"gamma": gamma_png, "channels": channels_png, "stages": stages_png}
+
+
+def render_plots(report: dict[str, Any]) -> dict[str, bytes]:
+    """Every plot as PNG bytes, by name (``PLOTS``)."""
+    return {name: _DRAW[name](report) for name in PLOTS}
+
+
+def write_plots(report: dict[str, Any], directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for name, data in render_plots(report).items():
+        p = directory / f"{name}.png"
+        p.write_bytes(data)
+        out.append(p)
+    return out
