@@ -122,9 +122,10 @@ def _slim_and_export(path: Path, shape: tuple[int, ...], tmp_path: Path) -> None
     x = calib[0][:2]
     gs = build_groups(gm, x, [], imp.meta.get("unprunable"))
     p0 = count_params(gm)
-    # VGG's BN-free classifier holds most parameters: ask for parameters directly there
-    target = PruneSpec(target="params", amount=0.45) if "vgg" in path.name else PruneSpec(target="channels",
-                                                                                            amount=0.5, min_channels=1)
+    # VGG's BN-free classifier holds most parameters; removing 60% of channels (the last conv's feed the
+    # 25 088-wide Linear) clears the bar. Not a `params` target: its exact search deep-copies VGG-11's
+    # 129M parameters per step (70+ s a case).
+    target = PruneSpec(target="channels", amount=0.6 if "vgg" in path.name else 0.5, min_channels=1)
     apply(gm, gs, plan(gm, gs, target, "max", x).remove, calib)
     assert count_params(gm) <= 0.6 * p0
     out = tmp_path / "slim.onnx"
