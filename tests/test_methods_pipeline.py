@@ -67,3 +67,26 @@ def test_pilot_says_why_it_did_not_run(digits, digits_cnn):
                                     device=torch.device("cpu"), teacher=None, should_stop=None,
                                     say=lambda *a: None)
         assert warm is None and not rec["used"] and why in rec["why"] and rec["strength"] is None
+
+
+def test_an_epoch_that_wrecks_the_network_after_the_pilot_goes_back_to_the_pilots_state():
+    from types import SimpleNamespace
+
+    from slimcore.pipeline import _keep_pilot_safe
+    from tests.zoo import SmallCNN
+
+    torch.manual_seed(0)
+    model, safe = SmallCNN(), SmallCNN()
+    data = SimpleNamespace(x_val=torch.randn(64, 1, 8, 8), y_val=torch.randint(0, 10, (64,)))
+    warm = {"model": safe.state_dict(), "epoch": 2}
+    record: dict = {}
+    calls: list[int] = []
+    later = lambda epoch: bool(calls.append(epoch))  # noqa: E731  (the plateau check, never stopping)
+    # an untrained net scores ~0.1: far below a pilot baseline of 0.99, so the guard reverts and stops
+    check = _keep_pilot_safe(later, model, data, warm, {"baseline_accuracy": 0.99}, record, torch.device("cpu"))
+    assert check(3) is True and calls == []
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), safe.state_dict().values(), strict=True))
+    assert record["epoch"] == 2 and "back to the chosen pilot's state" in record["why"]
+    # within the allowance the plateau check decides
+    ok = _keep_pilot_safe(later, model, data, warm, {"baseline_accuracy": 0.0}, {}, torch.device("cpu"))
+    assert ok(4) is False and calls == [4]

@@ -108,6 +108,9 @@ def run(job_id: str, store: JobStore, *, worker_name: str | None = None, device:
             spec = parse_spec(job["spec"])
             out = scratch / "result"
             report = _run_pipeline(model, spec, data, out, scratch, progress, live, store, job_id, device)
+            if live.cancel.is_set() or store.is_cancel_requested(job_id):
+                # the contract: an accepted cancel ends the job canceled, even one that landed during export
+                raise JobCanceled("exporting")
             plots = _draw(report)
             store.save_outputs(job_id, out, json.dumps(report).encode())
             store.save_plots(job_id, plots)
