@@ -17,8 +17,8 @@ How (a documented approximation, checked after the real run):
   is the real run's beginning, so nothing is trained twice. If that state has the wanted fraction (less
   the pilot's tolerance) near zero, sparse training ends there (the later epochs would only push more
   channels than the plan removes toward zero); else it trains on, and stops once the fraction is reached.
-  If no strength reached it without damage, the strongest safe one trains on. Should an epoch after the
-  pilot cost more than ``DAMAGE`` accuracy, the run returns to the pilot's state and stops there. (Running pilots on a
+  If no strength reached it without damage, the strongest safe one trains on. Should sparse training end
+  more than ``DAMAGE`` below the baseline's accuracy, the run returns to the pilot's state. (Running pilots on a
   compressed schedule and scaling the strength by the ratio of steps was tried first and failed: the
   penalty's fight with the loss is not linear in steps — on the digits CNN a λ that zeroed nothing in a
   2-epoch schedule collapsed the network in an 8-epoch one. Stopping a fresh run at the first epoch
