@@ -219,6 +219,11 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     model.cpu().float().eval()
     EXPORTERS.get(fmt)(model, imported, out_path, example)
     channels_after = {name: int(bn.num_features) for name, bn in bns}
+    odd = [n for n, c in channels_after.items() if c % 8 and n in gamma0 and c != gamma0[n].numel()]
+    if fmt == "onnx" and spec.prune.round_to == 1 and odd:
+        rb.warn(f"{len(odd)} pruned layers keep channel counts that are not multiples of 8 (e.g. {odd[0]}: "
+                f"{channels_after[odd[0]]}); onnxruntime on CPU can run such a model slower than the original "
+                f"(bench/README.md: MobileNetV2 1.34× slower at 30%); set prune.round_to: 8 for CPU deployment")
     base, fin = rb.stages["baseline"], rb.stages["finetuned"]
     sparse_acc = rb.stages.get("sparse", {}).get("accuracy")
     if spec.task == "classification" and base["accuracy"] is not None and sparse_acc is not None \
