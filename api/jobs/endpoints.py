@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -98,6 +99,31 @@ SSE_POLL_S = 0.5
 SSE_KEEPALIVE_S = 15.0
 
 
+class _SharedReads:
+    """One store read per (owner, job) per quarter poll interval, shared by every client following that job:
+    the cost of server-sent events grows with the jobs being watched, not with the watchers
+    (bench/bench_events.py). Keyed by owner too, so a cached record is only ever served to its owner."""
+
+    def __init__(self, ttl: float) -> None:
+        self.ttl = ttl
+        self.cache: dict[tuple[str | None, str], tuple[float, str, str]] = {}
+
+    async def get(self, service: JobService, owner: str | None, job_id: str) -> tuple[str, str]:
+        """(status, record as JSON)."""
+        now = time.monotonic()
+        hit = self.cache.get((owner, job_id))
+        if hit is not None and now - hit[0] < self.ttl:
+            return hit[1], hit[2]
+        rec = JobRecord.of(await run_in_threadpool(service.get, owner, job_id))
+        if len(self.cache) > 10_000:  # followers of long-gone jobs
+            self.cache = {k: v for k, v in self.cache.items() if now - v[0] < 60}
+        self.cache[(owner, job_id)] = (now, rec.status, rec.model_dump_json())
+        return rec.status, self.cache[(owner, job_id)][2]
+
+
+_reads = _SharedReads(ttl=SSE_POLL_S / 4)
+
+
 @router.get("/{job_id}/events", response_class=StreamingResponse, responses={
     200: {"description": "server-sent events: `job` (the job record, whenever it changes) until `end`",
           "content": {"text/event-stream": {}}}, **problems(404)},
@@ -108,14 +134,14 @@ async def job_events(job_id: str, request: Request, owner: Owner, service: Servi
     first = JobRecord.of(service.get(owner, job_id))  # 404 before the stream starts
 
     async def stream() -> AsyncIterator[str]:
-        record, last_sent, quiet = first, None, 0.0
+        status, body = first.status, first.model_dump_json()
+        last_sent, quiet = None, 0.0
         while True:
-            body = record.model_dump_json()
             if body != last_sent:
                 yield f"event: job\ndata: {body}\n\n"
                 last_sent, quiet = body, 0.0
-            if record.status in ("succeeded", "failed", "canceled"):
-                yield f"event: end\ndata: {json.dumps({'status': record.status})}\n\n"
+            if status in ("succeeded", "failed", "canceled"):
+                yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
                 return
             if quiet >= SSE_KEEPALIVE_S:
                 yield ": keep-alive\n\n"
@@ -125,7 +151,7 @@ async def job_events(job_id: str, request: Request, owner: Owner, service: Servi
             if await request.is_disconnected():
                 return
             try:
-                record = JobRecord.of(await run_in_threadpool(service.get, owner, job_id))
+                status, body = await _reads.get(service, owner, job_id)
             except ProblemError as e:  # deleted while watched: say so and end, headers are long gone
                 yield f"event: end\ndata: {json.dumps({'status': 'gone', 'detail': e.detail})}\n\n"
                 return
