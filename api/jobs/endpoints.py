@@ -131,7 +131,7 @@ _reads = _SharedReads(ttl=SSE_POLL_S / 4)
 async def job_events(job_id: str, request: Request, owner: Owner, service: Service) -> StreamingResponse:
     """One `job` event at once, one per change (status, phase, progress, metrics), then `end` once the job has
     finished. The server watches the store, so it works the same with the embedded worker and remote ones."""
-    first = JobRecord.of(service.get(owner, job_id))  # 404 before the stream starts
+    first = JobRecord.of(await run_in_threadpool(service.get, owner, job_id))  # 404 before the stream starts
 
     async def stream() -> AsyncIterator[str]:
         status, body = first.status, first.model_dump_json()
