@@ -11,7 +11,9 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 USAGE = """usage: slim <command> [options]
 
@@ -56,6 +58,34 @@ def _serve(argv: list[str]) -> int:
     return 0
 
 
+def _server_options(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--url", default=os.environ.get("SLIM_URL", "http://127.0.0.1:8000"))
+    ap.add_argument("--api-key", default=os.environ.get("SLIM_API_KEY"))
+
+
+def _with_client(args: argparse.Namespace, body: Callable[[Any], int]) -> int:
+    """Run ``body(client)``; the server's problems, an unreachable server and local file errors each end in
+    one line on stderr and status 2, never a traceback."""
+    import httpx
+
+    from .client import SlimAPIError, SlimClient
+
+    try:
+        with SlimClient(args.url, args.api_key) as c:
+            return body(c)
+    except SlimAPIError as e:
+        print(f"slim: error: {e}", file=sys.stderr)
+    except httpx.HTTPError as e:
+        print(f"slim: error: cannot reach {args.url}: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"slim: error: {e}", file=sys.stderr)
+    return 2
+
+
+def _result_name(job: dict[str, Any], output: str | None) -> Path:
+    return Path(output or (job.get("summary") or {}).get("filename") or f"slim-{job['id']}")
+
+
 def _submit(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="slim submit")
     ap.add_argument("model")
@@ -65,44 +95,35 @@ def _submit(argv: list[str]) -> int:
                     help="follow the job's progress until it ends, print a summary, download the result")
     ap.add_argument("-o", "--output", help="where to download the slimmed model (implies --wait; default: the "
                                            "server's suggested name in the current directory)")
-    ap.add_argument("--url", default=os.environ.get("SLIM_URL", "http://127.0.0.1:8000"))
-    ap.add_argument("--api-key", default=os.environ.get("SLIM_API_KEY"))
+    _server_options(ap)
     args = ap.parse_args(argv)
-    import httpx
-
-    from .client import SlimAPIError, SlimClient
     from .progress import ProgressView, summary_table
 
     for p in (args.model, args.data, args.spec):
         if not Path(p).is_file():
             print(f"slim: error: file not found: {p}", file=sys.stderr)
             return 2
-    try:
-        with SlimClient(args.url, args.api_key) as c:
-            job = c.submit(Path(args.model), Path(args.spec), Path(args.data))
-            print(f"job {job['id']} {job['status']}", file=sys.stderr)
-            if not (args.wait or args.output):
-                print(json.dumps(job))
-                return 0
-            view = ProgressView()
-            job = c.wait(job["id"], on_update=view.update)
-            view.finish(job)
-            if job["status"] != "succeeded":
-                err = job.get("error") or {}
-                print(f"slim: error: job {job['id']} {job['status']}: {err.get('detail', '')}".rstrip(": "),
-                      file=sys.stderr)
-                return 1
-            print(summary_table(job), file=sys.stderr)
-            name = args.output or (job.get("summary") or {}).get("filename") or f"slim-{job['id']}"
-            print(f"downloaded {c.download(job['id'], Path(name))}", file=sys.stderr)
+
+    def body(c: Any) -> int:
+        job = c.submit(Path(args.model), Path(args.spec), Path(args.data))
+        print(f"job {job['id']} {job['status']}", file=sys.stderr)
+        if not (args.wait or args.output):
             print(json.dumps(job))
             return 0
-    except SlimAPIError as e:
-        print(f"slim: error: {e}", file=sys.stderr)
-        return 2
-    except (httpx.HTTPError, OSError) as e:
-        print(f"slim: error: cannot reach {args.url}: {e}", file=sys.stderr)
-        return 2
+        view = ProgressView()
+        job = c.wait(job["id"], on_update=view.update)
+        view.finish(job)
+        if job["status"] != "succeeded":
+            err = job.get("error") or {}
+            print(f"slim: error: job {job['id']} {job['status']}: {err.get('detail', '')}".rstrip(": "),
+                  file=sys.stderr)
+            return 1
+        print(summary_table(job), file=sys.stderr)
+        print(f"downloaded {c.download(job['id'], _result_name(job, args.output))}", file=sys.stderr)
+        print(json.dumps(job))
+        return 0
+
+    return _with_client(args, body)
 
 
 def _job_command(cmd: str, argv: list[str]) -> int:
@@ -110,30 +131,19 @@ def _job_command(cmd: str, argv: list[str]) -> int:
     ap.add_argument("job_id")
     if cmd == "download":
         ap.add_argument("-o", "--output", help="file to write (default: the server's suggested name)")
-    ap.add_argument("--url", default=os.environ.get("SLIM_URL", "http://127.0.0.1:8000"))
-    ap.add_argument("--api-key", default=os.environ.get("SLIM_API_KEY"))
+    _server_options(ap)
     args = ap.parse_args(argv)
-    import httpx
 
-    from .client import SlimAPIError, SlimClient
-
-    try:
-        with SlimClient(args.url, args.api_key) as c:
-            if cmd == "status":
-                print(json.dumps(c.get(args.job_id), indent=2))
-            elif cmd == "cancel":
-                print(json.dumps(c.cancel(args.job_id)))
-            else:
-                job = c.get(args.job_id)
-                name = args.output or (job.get("summary") or {}).get("filename") or f"slim-{args.job_id}"
-                print(str(c.download(args.job_id, Path(name))))
+    def body(c: Any) -> int:
+        if cmd == "status":
+            print(json.dumps(c.get(args.job_id), indent=2))
+        elif cmd == "cancel":
+            print(json.dumps(c.cancel(args.job_id)))
+        else:
+            print(str(c.download(args.job_id, _result_name(c.get(args.job_id), args.output))))
         return 0
-    except SlimAPIError as e:
-        print(f"slim: error: {e}", file=sys.stderr)
-        return 2
-    except (httpx.HTTPError, OSError) as e:
-        print(f"slim: error: cannot reach {args.url}: {e}", file=sys.stderr)
-        return 2
+
+    return _with_client(args, body)
 
 
 def main(argv: list[str] | None = None) -> int:

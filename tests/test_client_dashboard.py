@@ -165,3 +165,17 @@ def test_dashboard_and_report_in_chromium(svc, submitted):
         rp.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
         browser.close()
     assert errors == []
+
+
+def test_client_commands_fail_in_one_line(svc, submitted, tmp_path):
+    from tests.service_harness import free_port
+
+    r = run_slim("status", "abc", "--url", f"http://127.0.0.1:{free_port()}")
+    assert r.returncode == 2 and r.stderr.startswith("slim: error: cannot reach") and len(r.stderr.splitlines()) == 1
+    r = run_slim("status", "0" * 32, "--url", svc.url, "--api-key", KEY)
+    assert r.returncode == 2 and "404" in r.stderr and "no job" in r.stderr
+    job_id = json.loads(submitted[0].stdout)["id"]
+    r = run_slim("download", job_id, "--url", svc.url, "--api-key", KEY, "-o", str(tmp_path / "no" / "such" / "x.pt"))
+    assert r.returncode == 2 and "No such file or directory" in r.stderr and "cannot reach" not in r.stderr
+    r = run_slim("download", job_id, "--url", svc.url, "--api-key", KEY, "-o", str(tmp_path / "x.pt"))
+    assert r.returncode == 0 and (tmp_path / "x.pt").stat().st_size > 0
