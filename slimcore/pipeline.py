@@ -159,6 +159,7 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
         if back is not None:
             rb.warn(back)
             early.update(epoch=warm["epoch"] if warm else None, why=back)
+        warm = None  # the pilot's model and optimizer copies are no longer needed: free them before pruning
         if pilot["used"]:
             pilot["sparsity_reached"] = round(method.sparsity(gs, pilot["sparsity_threshold"]), 4)
         if spec.sparse_training.epochs > 0:
