@@ -24,23 +24,9 @@ from slimcore.methods.polarization import penalty
 from slimcore.methods.receding import BoundedBatchNorm2d, regularizer
 from slimcore.prune import apply, plan
 from slimcore.spec import MethodSpec, PruneSpec
+from tests.zoo import TwoConvNet as Net
 
 torch.set_num_threads(1)
-
-
-class Net(nn.Module):
-    """conv-bn-relu ×2, then a 1×1 conv head: on 10×10 inputs the BN maps are 8×8 and 6×6 (no padding)."""
-
-    def __init__(self, pad: int = 0) -> None:
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(2, 8, 3, padding=pad, bias=False), nn.BatchNorm2d(8)
-        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=pad, bias=False), nn.BatchNorm2d(8)
-        self.head = nn.Conv2d(8, 3, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.b1(self.c1(x)))
-        x = torch.relu(self.b2(self.c2(x)))
-        return self.head(x).mean((2, 3))
 
 
 class Res(nn.Module):

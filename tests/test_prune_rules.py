@@ -12,21 +12,7 @@ from slimcore.groups import build_groups
 from slimcore.methods import METHODS, MethodContext
 from slimcore.prune import apply, plan
 from slimcore.spec import MethodSpec, PruneSpec
-
-
-class Net(nn.Module):
-    """conv-bn-relu ×2 then a 1×1 conv head; no padding, so a constant channel is exactly constant."""
-
-    def __init__(self, pad: int = 0) -> None:
-        super().__init__()
-        self.c1, self.b1 = nn.Conv2d(2, 8, 3, padding=pad, bias=False), nn.BatchNorm2d(8)
-        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=pad, bias=False), nn.BatchNorm2d(8)
-        self.head = nn.Conv2d(8, 3, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.b1(self.c1(x)))
-        x = torch.relu(self.b2(self.c2(x)))
-        return self.head(x).mean((2, 3))
+from tests.zoo import TwoConvNet as Net
 
 
 def _model(pad: int = 0) -> fx.GraphModule:

@@ -18,6 +18,22 @@ ARCHS = ["resnet18", "vgg11_bn", "mobilenet_v2", "densenet121", "efficientnet_b0
 FORMATS = ["script", "trace", "pt2"]
 
 
+class TwoConvNet(nn.Module):
+    """conv-bn-relu ×2, then a 1×1 conv head: on 10×10 inputs the BN maps are 8×8 and 6×6; with no padding
+    a constant channel is exactly constant (the unit tests of methods and pruning rules)."""
+
+    def __init__(self, pad: int = 0) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(2, 8, 3, padding=pad, bias=False), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=pad, bias=False), nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        return self.head(x).mean((2, 3))
+
+
 class SmallCNN(nn.Module):
     """A digits-sized CNN: conv-bn-relu blocks, a pool, a flatten and a linear head."""
 
