@@ -80,8 +80,10 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     say: ProgressFn = progress or (lambda phase, frac, metrics: None)
     ck = checkpoints.load() if checkpoints is not None else None
     say("importing", 0.0, {"resumed_from": f"{ck['phase']}:{ck['epoch']}"} if ck else {})
+    say("importing", 0.1, {"step": "lifting the model graph"})
     imported = import_model(model_path, spec)
     model = imported.module
+    say("importing", 0.4, {"step": "reading the data"})
     data = load_dataset(data_path, task=spec.task, input_shape=imported.input_shape, seed=spec.seed,
                         workdir=workdir)
     example = data.x_train[:2].clone()
@@ -96,7 +98,9 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     dev = device_of(device)
     teacher = copy.deepcopy(model).eval() if spec.task == "distillation" else None
     reference = copy.deepcopy(model).eval()
+    say("importing", 0.8, {"step": "analysing channel coupling"})
     gs = build_groups(model, example, spec.prune.ignore, imported.meta.get("unprunable"))
+    say("importing", 1.0, {"step": "channel groups found", "groups": len(gs.groups)})
     bns = all_bns(model)
     warm: dict[str, Any] | None = None
     early: dict[str, Any] = {}
@@ -256,6 +260,8 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
         "sparse_training_stopped_because": early.get("why"),
         "pilot": pilot,
         "not_pruned": gs.skipped, "output_layers": gs.output_layers,
+        "prunable_bn_channels": {**gs.coverage,
+                                 "share": round(gs.coverage["prunable"] / max(gs.coverage["total"], 1), 4)},
     })
     report = rb.build(threshold=p.threshold, layers=layer_table(gamma0, gamma1, channels_after, p.threshold),
                       model_bytes={"before": model_path.stat().st_size, "after": out_path.stat().st_size},

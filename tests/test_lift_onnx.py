@@ -249,8 +249,9 @@ def test_constant_flatten_shape_follows_pruning(target: list[int], tmp_path: Pat
         assert gm(torch.randn(7, 3, 4, 4)).shape == (7, 4)
 
 
-def test_channel_shuffle_is_fenced(tmp_path: Path) -> None:
-    """Reshape (N, 2, C/2, H, W) + Transpose + Reshape back mixes channels: the conv feeding it is unprunable."""
+def test_channel_shuffle_is_followed(tmp_path: Path) -> None:
+    """Reshape (N, 2, C/2, H, W) + Transpose + Reshape back: sizes follow the tensor at run time, and the
+    coupling analysis ties each column of the (2, C/2) grid, so a's 8 channels go in 4 pairs."""
     m = _model([helper.make_node("Conv", ["x", "a.weight"], ["a"], name="a"),
                 helper.make_node("Reshape", ["a", "s5"], ["r5"]),
                 helper.make_node("Transpose", ["r5"], ["t"], perm=[0, 2, 1, 3, 4]),
@@ -260,10 +261,16 @@ def test_channel_shuffle_is_fenced(tmp_path: Path) -> None:
                 numpy_helper.from_array(np.array([0, 2, 4, 6, 6]), "s5"),
                 numpy_helper.from_array(np.array([0, 8, 6, 6]), "s4")], ["N", 3, 6, 6], ["N", 5, 6, 6])
     imp = import_onnx(_save(m, tmp_path / "s.onnx"), None)
-    assert set(imp.meta["unprunable"]) == {"m.a"} and "channel" in imp.meta["unprunable"]["m.a"]
+    assert imp.meta["unprunable"] == {}
     with torch.no_grad():
         x = torch.randn(4, 3, 6, 6)
         assert relative_error(imp.original(x), imp.module(x)) <= 1e-5
+    from slimcore.coupling import analyze
+
+    cp = analyze(imp.module, x[:2])
+    out_a = next(r for r in cp.records if r.kind == "out" and r.name.endswith("a"))
+    labels = cp.label[out_a.atoms]
+    assert len(set(labels.tolist())) == 4 and (labels[:4] == labels[4:]).all()
 
 
 class _Decoder(nn.Module):
