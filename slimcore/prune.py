@@ -68,7 +68,7 @@ def _select(gs: GroupSet, ranked: tuple[torch.Tensor, torch.Tensor, torch.Tensor
     by_id = {g.gid: g for g in gs.groups}
     for g_id, lst in chosen.items():
         g = by_id[g_id]
-        if round_to > 1 and g.size >= round_to:
+        if round_to > 1 and g.size >= round_to and float(g.weight.max()) == 1:  # not whole conv groups
             keep = math.ceil((g.size - len(lst)) / round_to) * round_to
             lst = lst[: max(0, g.size - keep)]  # lst is ascending by importance: drop the most important
         if lst:
@@ -103,8 +103,10 @@ def plan(model: nn.Module, gs: GroupSet, spec: PruneSpec, reduce: str, example: 
         return p
     if spec.target == "channels":
         # Components of a grouped convolution remove a whole group of channels at once: count channels.
-        w = torch.cat([gs_by_id(gs)[int(g)].weight[int(i)].view(1) for g, i in zip(ranked[1], ranked[2],
-                                                                                  strict=True)]) \
+        weights = torch.cat([g.weight.cpu() for g in gs.groups])
+        offsets = torch.tensor([0] + [g.size for g in gs.groups]).cumsum(0)
+        assert all(g.gid == i for i, g in enumerate(gs.groups))  # gid is the group's position
+        w = weights[offsets[ranked[1]] + ranked[2]] \
             if n_cand else torch.zeros(0)
         k = min(int(torch.searchsorted(torch.cumsum(w, 0), spec.amount * total_w - 0.5)) + 1, n_cand) \
             if n_cand else 0
