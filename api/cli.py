@@ -21,7 +21,8 @@ commands:
   run MODEL --spec SPEC.json --data DATA -o OUT [--report R.json]   the whole pipeline locally, no server
   serve [--host 127.0.0.1] [--port 8000]                            API plus a local worker (embedded default)
   worker                                                            a Celery worker for the configured broker
-  submit MODEL --spec SPEC.json --data DATA [--wait] [-o OUT]       submit a job to a running service
+  submit MODEL --spec SPEC.json --data DATA [--wait] [-o OUT]       submit a job to a running service (an ONNX
+                                                                    model's external data files go with it)
   status ID | cancel ID | download ID [-o OUT]                      one job on a running service
 """
 
