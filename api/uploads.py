@@ -35,7 +35,8 @@ class StoredFile:
 @dataclass
 class FormPlan:
     """What the form may contain: file fields (field name → artifact name) and capped text fields; a field in
-    ``repeat`` may come up to N times, its further parts stored as ``PREFIX/1``, ``PREFIX/2``, …"""
+    ``repeat`` may come up to N times, its further parts stored as ``PREFIX/1``, ``PREFIX/2``, … and all its
+    parts together held to ``file_limit`` (one model in several files is still one upload's worth)."""
 
     files: dict[str, str]
     texts: dict[str, int]
@@ -118,7 +119,8 @@ class _Receiver:
             artifact = f"{prefix}/{n}"
         self._field, self._filename = name, _display_name(options.get(b"filename"))
         if name in self.plan.files:
-            self._writer = self.store.open_write(self.job_id, artifact, self.plan.file_limit)
+            used = sum(f.size for f in self.form.all_files(name))
+            self._writer = self.store.open_write(self.job_id, artifact, self.plan.file_limit - used)
             self._artifact = artifact
         else:
             self._text = bytearray()
@@ -128,8 +130,10 @@ class _Receiver:
             try:
                 self._writer.write(memoryview(data)[start:end])
             except UploadTooLarge as err:
-                raise ProblemError(413, "too-large", f"{self._field} is {err}; "
-                                   "the server's SLIM_MAX_UPLOAD_BYTES sets the limit") from None
+                what = f"{self._field} is {err}" if self._field not in self.form.files else (
+                    f"{self._field}'s files are together larger than the limit of {self.plan.file_limit} bytes")
+                raise ProblemError(413, "too-large", f"{what}; the server's SLIM_MAX_UPLOAD_BYTES sets the "
+                                   "limit") from None
         elif self._text is not None:
             self._text += data[start:end]
             if len(self._text) > self.plan.texts[self._field]:
@@ -176,8 +180,7 @@ def _check_length(request: Request, plan: FormPlan) -> None:
     raw = request.headers.get("content-length")
     if raw is None or not raw.isdigit():
         return
-    parts = len(plan.files) + sum(most - 1 for _prefix, most in plan.repeat.values())
-    ceiling = plan.file_limit * parts + sum(plan.texts.values()) + 64 * 1024
+    ceiling = plan.file_limit * len(plan.files) + sum(plan.texts.values()) + 64 * 1024
     if int(raw) > ceiling:
         raise ProblemError(413, "too-large", f"the request body ({raw} bytes) exceeds what the upload limits "
                            f"allow ({plan.file_limit} bytes per file, SLIM_MAX_UPLOAD_BYTES)")

@@ -169,7 +169,7 @@ def save_onnx(model: Any, out: Path, external: bool) -> None:
         onnx.save_model(model, str(out), save_as_external_data=False)
 
 
-def deliver(export: Callable[[Path], None], out: Path, *, bundle: str | None, inner_name: str,
+def deliver(export: Callable[[Path], None], out: Path, *, external: bool, bundle: str | None, inner_name: str,
             workdir: Path | None) -> int:
     """Run ``export`` so that the result lands at ``out`` in the right layout; returns the bytes written.
 
@@ -177,7 +177,7 @@ def deliver(export: Callable[[Path], None], out: Path, *, bundle: str | None, in
     packed into a bundle of that kind at ``out``; otherwise ``export`` writes ``out`` (and ``OUT.data``)."""
     if bundle is None:
         export(out)
-        return upload_bytes(out, [data_file(out).name] if data_file(out).exists() else [])
+        return upload_bytes(out, [data_file(out).name] if external and data_file(out).exists() else [])
     with tempfile.TemporaryDirectory(prefix="result-", dir=workdir) as tmp:
         inner = Path(tmp) / inner_name
         export(inner)

@@ -232,8 +232,8 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     model.cpu().float().eval()
     external = fmt == "onnx" and bool(imported.meta.get("onnx_external_data"))
     bundle = imported.meta["bundle"] if fmt == "onnx" and imported.meta["bundle"] else bundle_as if external else None
-    written = deliver(lambda dest: EXPORTERS.get(fmt)(model, imported, dest, example), out_path, bundle=bundle,
-                      inner_name=imported.meta["model_file"], workdir=workdir)
+    written = deliver(lambda dest: EXPORTERS.get(fmt)(model, imported, dest, example), out_path, external=external,
+                      bundle=bundle, inner_name=imported.meta["model_file"], workdir=workdir)
     channels_after = {name: int(bn.num_features) for name, bn in bns}
     odd = [n for n, c in channels_after.items() if c % 8 and n in gamma0 and c != gamma0[n].numel()]
     if fmt == "onnx" and spec.prune.round_to == 1 and odd:

@@ -66,7 +66,7 @@ def test_external_data_through_the_service(tmp_path, digits):
 
             # what the API can check without reading the model: a 422 problem at once, nothing stored
             listed = len(c.http.get("/jobs").json()["items"])
-            for parts, needle in [([("a.onnx", b"\x08\x07"), ("b.onnx", b"\x08\x07")], "2 of them is a .onnx"),
+            for parts, needle in [([("a.onnx", b"\x08\x07"), ("b.onnx", b"\x08\x07")], "with 2 .onnx among them"),
                                   ([("model.onnx", model.read_bytes()), ("model.onnx", b"xx")], "repeated names"),
                                   ([("model.onnx", model.read_bytes()), (".data", b"xx")], "not starting with .")]:
                 bad = _post(svc, parts, digits)

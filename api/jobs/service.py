@@ -254,8 +254,8 @@ def model_of(parts: list[StoredFile]) -> StoredFile:
     onnx = [n for n in names if n.lower().endswith(".onnx")]
     if len(onnx) != 1:
         raise ProblemError(422, "invalid-model-files", f"{len(parts)} model files were sent ({', '.join(names)}) "
-                           f"and {len(onnx)} of them is a .onnx file; several model files must be exactly one "
-                           ".onnx model and its external data files", fields=["model"])
+                           f"with {len(onnx)} .onnx among them; several model files must be exactly one .onnx "
+                           "model and its external data files", fields=["model"])
     digest = hashlib.sha256(json.dumps([[p.filename, p.sha256] for p in parts]).encode()).hexdigest()
     return StoredFile(onnx[0], sum(p.size for p in parts), digest, "model")
 
