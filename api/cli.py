@@ -120,7 +120,12 @@ def _submit(argv: list[str]) -> int:
                   file=sys.stderr)
             return 1
         print(summary_table(job), file=sys.stderr)
-        print(f"downloaded {c.download(job['id'], _result_name(job, args.output))}", file=sys.stderr)
+        dest = c.download(job["id"], _result_name(job, args.output))
+        print(f"downloaded {dest}", file=sys.stderr)
+        kind = next((k for k in (".zip", ".tar.gz", ".tar") if _result_name(job, None).name.endswith(k)), None)
+        if kind and not dest.name.endswith(kind):  # -o slim.onnx for a model with external data
+            print(f"note: {dest} is a {kind} bundle of the .onnx model and its external data file",
+                  file=sys.stderr)
         print(json.dumps(job))
         return 0
 

@@ -22,7 +22,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _CHECKPOINT = re.compile(r"^checkpoints/[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-NAMES = frozenset({"model", "dataset", "result", "report.json", "model-files.json"})
+MODEL_FILES = "model-files.json"  # the manifest of a model sent as several files: [{"name", "artifact"}, …]
+NAMES = frozenset({"model", "dataset", "result", "report.json", MODEL_FILES})
 MODEL_PART = re.compile(r"^model-files/[1-9][0-9]{0,2}$")  # a model's further files (ONNX external data)
 PLOT = re.compile(r"^plots/[a-z_]{1,32}\.png$")  # the report's PNGs (slimcore/plots.py)
 CHUNK = 1024 * 1024

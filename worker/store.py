@@ -14,12 +14,11 @@ from typing import Any
 from api.db import init_db, make_engine
 from api.jobs.repository import JobRepository
 from api.settings import Settings, get_settings
-from api.storage import ArtifactStore
+from api.storage import MODEL_FILES, ArtifactStore
 from slimcore.errors import SlimError
 from slimcore.onnx_refs import name_problem
 
 CHECKPOINT = "checkpoints/state"
-MODEL_FILES = "model-files.json"  # written by the API when a model came as several files
 EXTENSIONS = {"torchscript": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
 
 

@@ -30,7 +30,7 @@ from ..db import utcnow
 from ..problems import ProblemError
 from ..queue import enqueue
 from ..settings import Settings
-from ..storage import JOB_ID, ArtifactStore
+from ..storage import JOB_ID, MODEL_FILES, ArtifactStore
 from ..uploads import FormPlan, ReceivedForm, StoredFile, receive_form
 from .models import QUEUED, STATUSES, SUCCEEDED, Job
 from .repository import JobRepository
@@ -40,7 +40,6 @@ log = logging.getLogger("slim.api")
 SPEC_LIMIT = 1024 * 1024
 IDEMPOTENCY_KEY_MAX = 255
 EXTENSIONS = {"torchscript": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
-MODEL_FILES = "model-files.json"
 MAX_MODEL_FILES = 64
 
 
