@@ -47,7 +47,8 @@ class ModelSource:
 
 def open_model(path: Path, workdir: Path | None) -> ModelSource:
     """The model file inside an upload: the upload itself, the one ``.onnx`` of a folder, or that of a bundle
-    extracted into a fresh folder under ``workdir`` (a temporary one when None)."""
+    extracted into a fresh folder under ``workdir`` (under the system's temporary folder when None; the
+    caller removes ``workdir``: ``slim run`` and the worker pass one they delete)."""
     path = Path(path)
     if path.is_dir():
         return ModelSource(_one_onnx(path, "the model folder"))
@@ -160,8 +161,8 @@ def save_onnx(model: Any, out: Path, external: bool) -> None:
     appends to an existing data file)."""
     import onnx
 
-    data_file(out).unlink(missing_ok=True)
     if external:
+        data_file(out).unlink(missing_ok=True)
         onnx.save_model(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_file(out).name, size_threshold=1024)
         os.chmod(data_file(out), out.stat().st_mode & 0o777)  # onnx creates it owner-only; match the model

@@ -103,7 +103,8 @@ def export_onnx(module: nn.Module, imported: Imported, out: Path, example: torch
         except Exception as e:  # every route's reason goes into the one error the user sees
             failures.append(f"{name}: {_first_line(e)}")
     out.unlink(missing_ok=True)
-    data_file(out).unlink(missing_ok=True)
+    if external:
+        data_file(out).unlink(missing_ok=True)
     raise ParityError("could not write an ONNX model equivalent to the pruned one (" + "; ".join(failures) + ")")
 
 
