@@ -96,6 +96,9 @@ def _tar_bundle(path: Path, gz: bool) -> str:
         with tarfile.open(path, "r:*") as tf:
             names = tf.getnames()
     except (tarfile.TarError, EOFError, OSError, ValueError):
+        if gz:
+            raise SlimError("the model file is gzip-compressed but not a readable .tar.gz (truncated upload?); "
+                            "upload the model uncompressed, or a .zip/.tar.gz bundle of it") from None
         raise SlimError("the model file is a damaged or unreadable tar archive (truncated upload?)") from None
     if not _holds_onnx(names):
         raise SlimError("the model file is a tar archive without a .onnx file; a tar upload must be an ONNX "

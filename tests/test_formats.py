@@ -104,3 +104,23 @@ def test_names_deep_inside_an_archive_do_not_decide(tmp_path: Path) -> None:
     torch.save(_resnet18().state_dict(), ck)
     with pytest.raises(SlimError, match="torch.save checkpoint"):
         detect_format(ck)
+
+
+def test_archives_that_hold_no_model_say_why(tmp_path: Path) -> None:
+    import gzip
+    import tarfile
+
+    gz = tmp_path / "model.onnx.gz"
+    gz.write_bytes(gzip.compress(b"\x08\x07" * 100))
+    with pytest.raises(SlimError, match="gzip-compressed but not a readable .tar.gz"):
+        detect_format(gz)
+    tar = tmp_path / "photos.tar"
+    (tmp_path / "cat.jpg").write_bytes(b"\xff\xd8")
+    with tarfile.open(tar, "w") as t:
+        t.add(tmp_path / "cat.jpg", "cat.jpg")
+    with pytest.raises(SlimError, match="tar archive without a .onnx file"):
+        detect_format(tar)
+    bundle = tmp_path / "b.zip"
+    with zipfile.ZipFile(bundle, "w") as z:
+        z.writestr("model.onnx", b"\x08\x07")
+    assert detect_format(bundle) == "onnx"
