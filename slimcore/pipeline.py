@@ -21,6 +21,7 @@ from .checkpoint import CheckpointStore
 from .data import load_dataset
 from .errors import JobCanceled, NothingToPrune, SlimError
 from .export import EXPORTERS, rel_error
+from .external_data import deliver, open_model, upload_bytes
 from .formats import detect_format
 from .groups import all_bns, build_groups
 from .lift import IMPORTERS, Imported
@@ -49,13 +50,18 @@ def _load_plugins() -> None:
                 raise
 
 
-def import_model(path: Path, spec: JobSpec) -> Imported:
+def import_model(path: Path, spec: JobSpec, workdir: Path | None = None) -> Imported:
+    """Lift the upload: a model file, a folder holding one ``.onnx`` with its data files, or a bundle of
+    them (extracted under ``workdir``); ``meta["bundle"]`` and ``meta["model_file"]`` say which it was."""
     _load_plugins()
-    fmt = detect_format(path)
+    source = open_model(path, workdir)
+    fmt = detect_format(source.path)
     if fmt not in IMPORTERS:
         raise SlimError(f"{fmt} models are not supported yet (supported: {', '.join(IMPORTERS.names())})")
     shape = tuple(spec.input_shape) if spec.input_shape else None
-    return IMPORTERS.get(fmt)(path, shape)
+    imported = IMPORTERS.get(fmt)(source.path, shape)
+    imported.meta.update(bundle=source.bundle, model_file=source.path.name)
+    return imported
 
 
 def _stage(model: torch.nn.Module, ev: Any, example: torch.Tensor, timed: bool = True) -> dict[str, Any]:
@@ -70,9 +76,11 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
             workdir: Path | None = None, progress: ProgressFn | None = None,
             should_stop: Callable[[], bool] | None = None, device: str | None = None,
-            checkpoints: CheckpointStore | None = None) -> dict[str, Any]:
+            checkpoints: CheckpointStore | None = None, bundle_as: str | None = None) -> dict[str, Any]:
     """Run (or resume, when ``checkpoints`` holds one) a whole job; returns the gamma report.
 
+    The result keeps the upload's layout (:mod:`.external_data`); ``bundle_as`` (``zip``) packs an
+    external-data result of an upload that was not a bundle, as the service does for one download.
     Raises SlimError subclasses for bad input and JobCanceled when ``should_stop`` fires.
     """
     t_start = time.perf_counter()
@@ -81,7 +89,7 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     ck = checkpoints.load() if checkpoints is not None else None
     say("importing", 0.0, {"resumed_from": f"{ck['phase']}:{ck['epoch']}"} if ck else {})
     say("importing", 0.1, {"step": "lifting the model graph"})
-    imported = import_model(model_path, spec)
+    imported = import_model(model_path, spec, workdir)
     model = imported.module
     say("importing", 0.4, {"step": "reading the data"})
     data = load_dataset(data_path, task=spec.task, input_shape=imported.input_shape, seed=spec.seed,
@@ -222,7 +230,10 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     say("exporting", 0.0, {})
     fmt = imported.fmt if spec.export.format == "same" else spec.export.format
     model.cpu().float().eval()
-    EXPORTERS.get(fmt)(model, imported, out_path, example)
+    external = fmt == "onnx" and bool(imported.meta.get("onnx_external_data"))
+    bundle = imported.meta["bundle"] if fmt == "onnx" and imported.meta["bundle"] else bundle_as if external else None
+    written = deliver(lambda dest: EXPORTERS.get(fmt)(model, imported, dest, example), out_path, external=external,
+                      bundle=bundle, inner_name=imported.meta["model_file"], workdir=workdir)
     channels_after = {name: int(bn.num_features) for name, bn in bns}
     odd = [n for n, c in channels_after.items() if c % 8 and n in gamma0 and c != gamma0[n].numel()]
     if fmt == "onnx" and spec.prune.round_to == 1 and odd:
@@ -247,7 +258,7 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
                 f"training and reached {reached:.0%}: removal cost more accuracy than it needed to; give more "
                 f"sparse_training.epochs, more method.pilot_runs, or a method.strength")
     rb.extra.update({
-        "format": {"in": imported.fmt, "out": fmt},
+        "format": {"in": imported.fmt, "out": fmt, "external_data": external, "bundle": bundle},
         "target": {"kind": p.target, "requested": p.requested, "achieved": round(p.achieved, 6)},
         "removed_channels": p.removed_channels,
         "output_deviation_relative": rel_error(after_, before),
@@ -264,7 +275,9 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
                                  "share": round(gs.coverage["prunable"] / max(gs.coverage["total"], 1), 4)},
     })
     report = rb.build(threshold=p.threshold, layers=layer_table(gamma0, gamma1, channels_after, p.threshold),
-                      model_bytes={"before": model_path.stat().st_size, "after": out_path.stat().st_size},
+                      model_bytes={"before": upload_bytes(model_path, [] if imported.meta["bundle"] else
+                                                          imported.meta.get("onnx_external_data", [])),
+                                   "after": written},
                       output_deviation=deviation)
     say("exporting", 1.0, {})
     return report
