@@ -31,6 +31,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from ..errors import UnsupportedModel
+from .modularize import CONSTANTS, constant_path
 
 aten = torch.ops.aten
 # Default-domain opsets whose op versions the converters were checked against. Versions 22-25 of the ops
@@ -39,7 +40,7 @@ aten = torch.ops.aten
 MIN_OPSET, MAX_OPSET = 11, 28
 DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
           9: torch.bool, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16}
-_RESERVED = {"m"} | set(dir(fx.GraphModule))
+_RESERVED = set(dir(fx.GraphModule))
 
 
 @dataclass(eq=False)
@@ -82,10 +83,10 @@ def supported_ops() -> list[str]:
     return sorted(OPS)
 
 
-def ident(s: str) -> str:
-    """A Python-identifier-like version of an ONNX name component."""
+def ident(s: str, reserved: bool = True) -> str:
+    """A Python-identifier-like version of an ONNX name component (for a node, or a path under ``consts``)."""
     s = re.sub(r"[^0-9A-Za-z_]", "_", s) or "_"
-    return s + "_" if s in _RESERVED or keyword.iskeyword(s) else s
+    return s + "_" if reserved and s in _RESERVED or keyword.iskeyword(s) else s
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -279,10 +280,15 @@ class Lifter:
         return node
 
     def _register(self, name: str, t: torch.Tensor) -> str:
-        parts = [ident(p) for p in name.split(".")]
+        """Register ``t`` under ``consts.`` + its ONNX name (dots kept as module paths); returns the path."""
+        parts = [ident(p, reserved=False) for p in name.split(".")]
+        holder = self.root._modules.get(CONSTANTS)
+        if holder is None:
+            holder = nn.Module()
+            self.root.add_module(CONSTANTS, holder)
         for k in range(1000):
             cand = list(parts) if k == 0 else ["_".join(parts) + (f"_{k}" if k > 1 else "")]
-            owner: nn.Module = self.root
+            owner: nn.Module = holder
             ok = True
             for p in cand[:-1]:
                 child = owner._modules.get(p)
@@ -295,7 +301,7 @@ class Lifter:
                 owner = child
             if ok and not hasattr(owner, cand[-1]):
                 owner.register_buffer(cand[-1], t)
-                return ".".join(cand)
+                return constant_path(".".join(cand))
         raise AssertionError(f"no free buffer name for {name}")
 
     # -- reading values ---------------------------------------------------------------------------------

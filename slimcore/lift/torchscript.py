@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import nn
 
 from ..errors import SlimError, UnsupportedModel
 from . import IMPORTERS, Imported
@@ -129,14 +128,6 @@ def _fence_reshapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
         n.meta.pop("val", None)
 
 
-def _drop_empty(module: nn.Module) -> bool:
-    """Delete holder modules left without tensors once modularize moved the weights out; True if empty."""
-    for name, child in list(module._modules.items()):
-        if type(child) is nn.Module and _drop_empty(child):
-            del module._modules[name]
-    return type(module) is nn.Module and not (module._modules or module._parameters or module._buffers)
-
-
 def _check_signature(module: torch.jit.ScriptModule) -> None:
     """One tensor in, one tensor out: what every later stage (pruning, distillation, export) assumes."""
     try:
@@ -177,9 +168,6 @@ def import_torchscript(path: Path, input_shape: tuple[int, ...] | None) -> Impor
     gm = Lifter(frozen).run()
     _fence_reshapes(gm, example)
     modularize(gm, example)
-    for name in [k for k in gm._modules if k != "m"]:
-        if _drop_empty(gm._modules[name]):  # type: ignore[arg-type]
-            del gm._modules[name]
     gm.eval()
     # the op-level graph (before modularize) localises a parity failure; only built if one happens
     check_parity(runner, gm, example, stage="import", reference=lambda: Lifter(frozen).run())
