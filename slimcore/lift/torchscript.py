@@ -83,7 +83,23 @@ def _freeze(module: torch.jit.ScriptModule, rank: int) -> torch.jit.ScriptModule
         torch._C._jit_pass_constant_propagation(graph)
     _strip_guards(graph.block())
     torch._C._jit_pass_dce(graph)
+    _refuse_training_mode(graph)
     return frozen
+
+
+def _refuse_training_mode(graph: torch._C.Graph) -> None:
+    """A model traced before ``.eval()`` has ``training=True`` baked into every BatchNorm call.
+
+    Its file normalises with batch statistics and updates its running statistics on every call, so
+    there is no fixed function to lift or compare against (ultralytics and timm models are built in
+    training mode; forgetting ``.eval()`` before ``torch.jit.trace`` is common).
+    """
+    for n in graph.nodes():
+        if n.kind() != "aten::batch_norm" or n.inputsAt(3).type().kind() == "NoneType":
+            continue  # without running statistics (track_running_stats=False) batch statistics are the model
+        if n.inputsAt(5).node().kind() == "prim::Constant" and n.inputsAt(5).toIValue() is True:
+            raise UnsupportedModel(f"BatchNorm node %{n.output().debugName()} runs in training mode (batch "
+                                   "statistics): the model was traced before .eval(); trace model.eval() again")
 
 
 def _strip_guards(block: torch._C.Block) -> None:
