@@ -39,7 +39,7 @@ import pytest
 import torch
 
 from slimcore.errors import UnsupportedModel
-from slimcore.lift.onnx_lift import MAX_OPSET, MIN_OPSET, lift_graph, supported_ops
+from slimcore.lift.onnx_graph import MAX_OPSET, MIN_OPSET, lift_graph, supported_ops
 
 torch.set_num_threads(1)
 OPS = set(supported_ops())

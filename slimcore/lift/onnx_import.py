@@ -27,7 +27,8 @@ from ..errors import ParityError, SlimError, UnsupportedModel
 from ..external_data import load_external_tensors
 from . import IMPORTERS, Imported
 from .modularize import modularize
-from .onnx_lift import DTYPES, MAX_OPSET, MIN_OPSET, Lifter, default_opset, lift_graph
+from .onnx_graph import Lifter, lift_graph
+from .onnx_lift import DTYPES, MAX_OPSET, MIN_OPSET, default_opset
 from .parity import check_parity
 from .reshapes import unbake_chunks, unbake_views, unprunable_layers
 

@@ -76,13 +76,6 @@ def op(*names: str) -> Callable[[Converter], Converter]:
     return deco
 
 
-def supported_ops() -> list[str]:
-    """The ONNX op types with a converter (importing the converter modules registers them)."""
-    from . import onnx_ops, onnx_pool, onnx_shapes  # noqa: F401
-
-    return sorted(OPS)
-
-
 def ident(s: str, reserved: bool = True) -> str:
     """A Python-identifier-like version of an ONNX name component (for a node, or a path under ``consts``)."""
     s = re.sub(r"[^0-9A-Za-z_]", "_", s) or "_"
@@ -151,7 +144,6 @@ class Lifter:
 
     # -- building -------------------------------------------------------------------------------------
     def run(self) -> fx.GraphModule:
-        supported_ops()
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise UnsupportedModel(f"ONNX opset {self.opset} is not supported (supported: {MIN_OPSET}-{MAX_OPSET}); "
                                    "convert it with onnx.version_converter")
@@ -364,13 +356,3 @@ class Lifter:
 
     def fail(self, why: str) -> UnsupportedModel:
         return UnsupportedModel(f"{self.where()}: {why}")
-
-
-def lift_graph(model: onnx.ModelProto, example_inputs: Mapping[str, torch.Tensor]) -> fx.GraphModule:
-    """Lift any ONNX graph (several inputs, weights as inputs, several outputs) into an fx graph of aten calls.
-
-    The lower-level entry point used by the importer and by the op-level tests: no modularization, no
-    reshape fencing, no parity; Conv/Gemm with weights that are graph inputs stay ``call_function``.
-    Placeholders follow the order of the graph's non-initializer inputs.
-    """
-    return Lifter(model, example_inputs).run()
