@@ -53,11 +53,21 @@ class Const:
 
 @dataclass(eq=False)
 class Dims:
-    """A 0-D/1-D integer (or float) tensor of sizes whose items are ints or fx nodes computing them."""
+    """A 0-D/1-D integer (or float) tensor of sizes whose items are ints or fx nodes computing them.
+
+    ``shape`` is set when exporters rearrange sizes as a matrix (``F.pad``'s pads go through
+    Reshape(-1, 2), a reversing Slice and a Transpose); items are then in row-major order, and only the
+    converters in :data:`SHAPED_DIMS_OPS` see such a value (others get it as a tensor).
+    """
 
     items: list[Any]
     scalar: bool = False
     floating: bool = False
+    shape: tuple[int, ...] | None = None
+
+
+# Converters that handle a Dims with a ``shape`` (a rearrangement of items, or a cast of each).
+SHAPED_DIMS_OPS = {"Reshape", "Transpose", "Slice", "Cast", "Identity"}
 
 
 Value = fx.Node | Const | Dims | None
@@ -198,6 +208,8 @@ class Lifter:
             if i and i not in self.env:
                 raise UnsupportedModel(f"node {n.name!r} reads {i!r} before it is computed (graph not sorted?)")
             ins.append(self.env[i] if i else None)
+        if n.op_type not in SHAPED_DIMS_OPS:
+            ins = [self.tensor(v) if isinstance(v, Dims) and v.shape else v for v in ins]
         attrs = {a.name: _attr(a, f"node {n.name!r}") for a in n.attribute}
         self.hint = ident((n.name or n.output[0]).strip("/"))
         outs = conv(self, n, ins, attrs, ver)
@@ -306,7 +318,7 @@ class Lifter:
         if isinstance(v, Dims):
             t = torch.tensor([self.value(i) for i in v.items],
                              dtype=torch.float32 if v.floating else torch.int64)
-            return t.reshape(()) if v.scalar else t
+            return t.reshape(()) if v.scalar else t.reshape(v.shape) if v.shape else t
         return v
 
     def shape(self, v: Any) -> tuple[int, ...]:
@@ -340,7 +352,10 @@ class Lifter:
         dt = torch.float32 if v.floating else torch.int64
         parts = [self.call(aten.scalar_tensor, i, dtype=dt) if isinstance(i, fx.Node)
                  else Const(torch.tensor(i, dtype=dt)) for i in v.items]
-        return parts[0] if v.scalar else self.call(aten.stack, parts)
+        if v.scalar:
+            return parts[0]
+        out = self.call(aten.stack, parts)
+        return self.call(aten.reshape, out, list(v.shape)) if v.shape else out
 
     def materialize(self, v: Any) -> Any:
         """A graph node for ``v`` (constants become a get_attr)."""
