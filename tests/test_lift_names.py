@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -28,6 +27,8 @@ from tests.zoo import randomize_bn, save_model
 
 FORMATS = {"script": import_torchscript, "trace": import_torchscript, "pt2": import_pt2, "onnx": import_onnx}
 LAYERS = CONV_TYPES + BN_TYPES + (nn.Linear,)
+
+torch.set_num_threads(1)  # two cores shared with other jobs (as test_onnx_node_cases does)
 
 
 class _Residual(nn.Module):
@@ -50,14 +51,6 @@ class NamedLikeUs(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.consts(self.m(x)).mean((2, 3)))
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _model() -> nn.Module:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
@@ -27,13 +26,7 @@ from slimcore.lift.onnx_import import import_onnx
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+torch.set_num_threads(1)  # two cores shared with other jobs (as test_onnx_node_cases does)
 
 
 def _export(model: nn.Module, x: torch.Tensor, path: Path, dynamo: bool, spatial: bool = False) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,8 @@ tasks = pytest.importorskip("ultralytics.nn.tasks")
 heads = pytest.importorskip("ultralytics.nn.modules.head")
 SHAPE = (1, 3, 64, 64)
 
+torch.set_num_threads(1)  # two cores shared with other jobs (as test_onnx_node_cases does)
+
 
 class FirstOutput(nn.Module):
     """What users write to serve the decoded predictions only."""
@@ -38,14 +39,6 @@ class FirstOutput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.m(x)[0]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _yolo(cfg: str, export_head: bool = False) -> nn.Module:
