@@ -22,13 +22,13 @@ import numpy as np
 import onnx
 import torch
 import torch.fx as fx
-from torch import nn
 
 from ..errors import ParityError, SlimError, UnsupportedModel
 from ..external_data import load_external_tensors
 from . import IMPORTERS, Imported
 from .modularize import modularize
-from .onnx_lift import DTYPES, MAX_OPSET, MIN_OPSET, Lifter, default_opset, lift_graph
+from .onnx_graph import Lifter, lift_graph
+from .onnx_lift import DTYPES, MAX_OPSET, MIN_OPSET, default_opset
 from .parity import check_parity
 from .reshapes import unbake_chunks, unbake_views, unprunable_layers
 
@@ -60,9 +60,6 @@ def import_onnx(path: Path, input_shape: tuple[int, ...] | None) -> Imported:
                         f"{_ort_message(e)}") from None
     gm = lift_single(model, inp.name, example)
     modularize(gm, example)
-    for name in [k for k in gm._modules if k != "m"]:
-        if _drop_empty(gm._modules[name]):  # type: ignore[arg-type]
-            del gm._modules[name]
     gm.eval()
     meta: dict[str, Any] = {
         "onnx_opset": default_opset(model),
@@ -98,14 +95,6 @@ def lift_single(model: onnx.ModelProto, input_name: str, example: torch.Tensor) 
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
-
-
-def _drop_empty(module: nn.Module) -> bool:
-    """Delete holder modules that modularize emptied (their tensors moved into ``m``); True if empty."""
-    for name, child in list(module._modules.items()):
-        if type(child) is nn.Module and _drop_empty(child):
-            del module._modules[name]
-    return type(module) is nn.Module and not (module._modules or module._parameters or module._buffers)
 
 
 def load_model(path: Path, data_files: list[str] | None = None) -> onnx.ModelProto:
