@@ -37,6 +37,19 @@ def call(model: Callable[..., Any], x: Any) -> Any:
     return model(*args(x))
 
 
+class Splat(torch.nn.Module):
+    """``model`` callable as ``m(batch)`` with ``batch`` a tensor or a tuple of inputs (or as ``m(*inputs)``):
+    an adapter for code written for one-input models that calls ``model(batch)``. Holds ``model`` as a
+    submodule, so ``eval()``/``train()`` and hooks on its layers work through it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+
+    def forward(self, *xs: Any) -> Any:
+        return call(self.inner, xs[0] if len(xs) == 1 else xs)
+
+
 def num_rows(x: Any) -> int:
     """Batch size of ``x`` (all inputs share it)."""
     return int(args(x)[0].shape[0])
