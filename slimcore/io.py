@@ -94,6 +94,18 @@ def leaves(out: Any) -> list[torch.Tensor]:
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
 
 
+def plain(out: Any) -> Any:
+    """``out`` with fx's immutable dicts/lists (what a GraphModule's output node holds, and what a
+    non-strict ``torch.export`` of one then returns) as plain ``dict``/``list``, as users' models return."""
+    if isinstance(out, dict):
+        return {k: plain(v) for k, v in out.items()}
+    if isinstance(out, list):
+        return [plain(v) for v in out]
+    if isinstance(out, tuple) and type(out) is tuple:
+        return tuple(plain(v) for v in out)
+    return out
+
+
 def structure(out: Any) -> Any:
     """A comparable description of an output's form: ``"tensor"``, or nested lists/tuples/dicts of it."""
     if isinstance(out, torch.Tensor):

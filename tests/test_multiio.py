@@ -241,3 +241,28 @@ def test_torchvision_lraspp_dict_output(tmp_path):
     assert list(got) == list(want) == ["out"] and got["out"].shape == (3, 3, 64, 64)
     assert report["stages"]["finetuned"]["params"] < report["stages"]["baseline"]["params"]
     assert list(report["stages"]["finetuned"]["distillation_error_per_output"]) == ["out"]
+
+
+def test_npz_inputs_x0_x1_with_their_own_validation_arrays(tmp_path):
+    from slimcore.data import load_dataset
+    from slimcore.errors import SlimError
+
+    rng = np.random.default_rng(0)
+    a, b, y = rng.random((10, 3, 4, 4), dtype=np.float32), rng.random((10, 5), dtype=np.float32), np.arange(10) % 2
+    shapes = ((1, 3, 4, 4), (1, 5))
+    path = tmp_path / "v.npz"
+    np.savez(path, x0=a, x1=b, y=y, x0_val=a[:4], x1_val=b[:4], y_val=y[:4])
+    ds = load_dataset(path, task="classification", input_shape=shapes)
+    assert isinstance(ds.x_train, tuple) and [t.shape for t in ds.x_train] == [(10, 3, 4, 4), (10, 5)]
+    assert torch.equal(ds.x_val[1], torch.from_numpy(b[:4])) and ds.val_source == "x*_val"
+    np.savez(path, x0=a, x1=b[:9], y=y)
+    with pytest.raises(SlimError, match="'x1' has 9 samples but 'x0' has 10"):
+        load_dataset(path, task="classification", input_shape=shapes)
+    np.savez(path, x0=a, x1=b, y=y, x0_val=a[:4], y_val=y[:4])
+    with pytest.raises(SlimError, match="has x0_val but no x1_val"):
+        load_dataset(path, task="classification", input_shape=shapes)
+    np.savez(path, x0=a, x1=b[:, :4], y=y)
+    with pytest.raises(SlimError, match=r"x1 samples have shape \(4,\) but the model takes \(5,\)"):
+        load_dataset(path, task="classification", input_shape=shapes)
+    split = load_dataset(path, task="distillation", input_shape=((1, 3, 4, 4), (1, 4)))
+    assert [sio.num_rows(split.x_train), sio.num_rows(split.x_val)] == [8, 2] and split.y_train is None

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 
 from .. import io
@@ -51,6 +52,7 @@ def export_pt2(module: nn.Module, imported: Imported, out: Path, example: io.Inp
             ep = torch.export.export(target, io.args(trace_x), dynamic_shapes=dynamic)
         except Exception as e:
             raise ParityError(f"could not write a .pt2 program: torch.export failed: {_first_line(e)}") from None
+        _plain_output_spec(ep)
         torch.export.save(ep, str(out))
         reloaded = torch.export.load(str(out)).module()
     with torch.no_grad():
@@ -86,6 +88,18 @@ def _with_input_names(module: nn.Module, names: list[str]) -> nn.Module:
     copy = fx.GraphModule(module, graph)
     copy.train(module.training)
     return copy
+
+
+def _plain_output_spec(ep: torch.export.ExportedProgram) -> None:
+    """Make the program return plain dicts/lists, as the upload did: a non-strict export of a GraphModule
+    records fx's ``immutable_dict``/``immutable_list`` (its output node's containers) as the output type."""
+    sig = ep.module_call_graph[0].signature if ep.module_call_graph else None
+    if sig is None or sig.out_spec is None:
+        return
+    spec = sig.out_spec
+    fixed = pytree.tree_structure(io.plain(pytree.tree_unflatten([0] * spec.num_leaves, spec)))
+    if fixed != spec:
+        sig.out_spec = fixed
 
 
 def _clamp(n: int, lo: int, hi: int | None) -> int:
