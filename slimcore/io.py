@@ -112,8 +112,10 @@ def structure(out: Any) -> Any:
         return "tensor"
     if isinstance(out, dict):
         return {str(k): structure(v) for k, v in out.items()}
-    if isinstance(out, list | tuple):
-        return type(out)(structure(v) for v in out)
+    if isinstance(out, list):
+        return [structure(v) for v in out]
+    if isinstance(out, tuple):  # named tuples compare as tuples
+        return tuple(structure(v) for v in out)
     return type(out).__name__
 
 

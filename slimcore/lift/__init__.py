@@ -39,10 +39,16 @@ class Imported:
     output_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
-        if not self.input_shapes:
+        # one input: input_shape/input_name are the truth (``dataclasses.replace(imp, input_name=...)``
+        # keeps working); several: they mirror the first entry
+        if len(self.input_shapes) <= 1:
             self.input_shapes = (tuple(self.input_shape),)
-        if not self.input_names:
+        else:
+            self.input_shape = tuple(self.input_shapes[0])
+        if len(self.input_names) <= 1:
             self.input_names = (self.input_name,)
+        else:
+            self.input_name = self.input_names[0]
 
 
 # An importer gets the file and the spec's input shape (None when the spec has none; a tuple of shapes,

@@ -191,7 +191,8 @@ def import_torchscript(path: Path, input_shape: tuple[int, ...] | None) -> Impor
         io.call(runner, example)
     except Exception as e:
         given = ", ".join(str(list(t.shape)) for t in io.args(example))
-        raise SlimError(f"the model fails on inputs of shape {given}: {_first_line(e)}") from None
+        what = "an input" if len(shapes) == 1 else "inputs"
+        raise SlimError(f"the model fails on {what} of shape {given}: {_first_line(e)}") from None
     frozen = _freeze(work, [len(s) for s in shapes])
     gm = Lifter(frozen).run()
     _fence_reshapes(gm, example)
