@@ -96,12 +96,17 @@ def leaves(out: Any) -> list[torch.Tensor]:
 
 def plain(out: Any) -> Any:
     """``out`` with fx's immutable dicts/lists (what a GraphModule's output node holds, and what a
-    non-strict ``torch.export`` of one then returns) as plain ``dict``/``list``, as users' models return."""
+    non-strict ``torch.export`` of one then returns) as plain ``dict``/``list``; other containers
+    (``OrderedDict``, tuples) keep their type."""
+    from torch.fx.immutable_collections import immutable_dict, immutable_list
+
     if isinstance(out, dict):
-        return {k: plain(v) for k, v in out.items()}
+        items = {k: plain(v) for k, v in out.items()}
+        return items if isinstance(out, immutable_dict) else type(out)(items)
     if isinstance(out, list):
-        return [plain(v) for v in out]
-    if isinstance(out, tuple) and type(out) is tuple:
+        items_ = [plain(v) for v in out]
+        return items_ if isinstance(out, immutable_list) else type(out)(items_)
+    if type(out) is tuple:
         return tuple(plain(v) for v in out)
     return out
 

@@ -52,7 +52,7 @@ def export_pt2(module: nn.Module, imported: Imported, out: Path, example: io.Inp
             ep = torch.export.export(target, io.args(trace_x), dynamic_shapes=dynamic)
         except Exception as e:
             raise ParityError(f"could not write a .pt2 program: torch.export failed: {_first_line(e)}") from None
-        _plain_output_spec(ep)
+        _output_spec_as_uploaded(ep, imported.meta.get("out_spec"))
         torch.export.save(ep, str(out))
         reloaded = torch.export.load(str(out)).module()
     with torch.no_grad():
@@ -90,14 +90,21 @@ def _with_input_names(module: nn.Module, names: list[str]) -> nn.Module:
     return copy
 
 
-def _plain_output_spec(ep: torch.export.ExportedProgram) -> None:
-    """Make the program return plain dicts/lists, as the upload did: a non-strict export of a GraphModule
-    records fx's ``immutable_dict``/``immutable_list`` (its output node's containers) as the output type."""
+def _output_spec_as_uploaded(ep: torch.export.ExportedProgram, upload: Any) -> None:
+    """Make the program return the upload's containers: a non-strict export of a GraphModule records fx's
+    ``immutable_dict``/``immutable_list`` (its output node's) as the output types. ``upload`` is the
+    uploaded program's output spec (a .pt2 upload: e.g. torchvision's ``OrderedDict``); it is used when it
+    has the same form, else the containers become plain ``dict``/``list``."""
     sig = ep.module_call_graph[0].signature if ep.module_call_graph else None
     if sig is None or sig.out_spec is None:
         return
     spec = sig.out_spec
-    fixed = pytree.tree_structure(io.plain(pytree.tree_unflatten([0] * spec.num_leaves, spec)))
+    dummy = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    fixed = pytree.tree_structure(io.plain(dummy))
+    if upload is not None and upload.num_leaves == spec.num_leaves:
+        theirs = pytree.tree_unflatten(list(range(spec.num_leaves)), upload)
+        if io.structure(theirs) == io.structure(dummy):
+            fixed = upload
     if fixed != spec:
         sig.out_spec = fixed
 

@@ -75,7 +75,7 @@ def import_pt2(path: Path, input_shape: tuple[int, ...] | None) -> Imported:
     if len(names) != len(shapes):
         names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
     # "unprunable": module path -> why; the pruner must leave every group containing one whole.
-    meta: dict[str, Any] = {"batch_dim": batch, "unprunable": blocked}
+    meta: dict[str, Any] = {"batch_dim": batch, "unprunable": blocked, "out_spec": ep.call_spec.out_spec}
     imported = Imported(module=gm, fmt="pt2", original=original, input_shape=shapes[0], input_name=names[0],
                         dynamic_batch=batch is not None, meta=meta, input_shapes=shapes, input_names=tuple(names))
     _check_parity(imported, src, example)
