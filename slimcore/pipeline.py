@@ -84,6 +84,10 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     ck = checkpoints.load() if checkpoints is not None else None
     say("importing", 0.0, {"resumed_from": f"{ck['phase']}:{ck['epoch']}"} if ck else {})
     imported = import_model(model_path, spec)
+    if len(imported.input_shapes) > 1 and spec.prune.target in ("flops", "params"):
+        # prune.plan measures cost on example[:1], a single tensor; remove once it takes io.Inputs
+        raise SlimError(f"prune.target {spec.prune.target!r} is not supported yet for models with several "
+                        f"inputs ({', '.join(imported.input_names)}); use 'channels' or 'threshold'")
     model = imported.module
     data = load_dataset(data_path, task=spec.task, input_shape=imported.input_shapes, seed=spec.seed,
                         workdir=workdir)

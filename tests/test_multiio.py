@@ -215,6 +215,8 @@ def test_bad_multi_io_input_is_one_line(tmp_path):
     assert "needs arrays x0, x1" in _bad(tmp_path, two, shapes, xy)
     assert "not both" in _bad(tmp_path, two, {**shapes, "input_shape": [1, *IMG]}, xy)
     assert "share the batch size" in _bad(tmp_path, two, {"input_shapes": [[1, *IMG], [2, 1, 16, 16]]}, xy)
+    flops = _bad(tmp_path, two, {**shapes, "prune": {"target": "flops", "amount": 0.3}}, xy)
+    assert "several inputs (image, depth)" in flops and "'channels'" in flops
     msg = _bad(tmp_path, seg, {"task": "classification"}, xy)
     assert "one (batch, classes) output" in msg and "out (2, 3, 16, 16)" in msg and "aux" in msg
 
