@@ -268,3 +268,21 @@ def test_npz_inputs_x0_x1_with_their_own_validation_arrays(tmp_path):
         load_dataset(path, task="classification", input_shape=shapes)
     split = load_dataset(path, task="distillation", input_shape=((1, 3, 4, 4), (1, 4)))
     assert [sio.num_rows(split.x_train), sio.num_rows(split.x_val)] == [8, 2] and split.y_train is None
+
+
+def test_distillation_loss_weights_outputs_by_size_not_scale():
+    """The README's weights: one output is plain MSE; with several, the same relative error costs the same
+    per element whatever an output's scale (boxes in pixels next to scores in [0, 1])."""
+    from slimcore.train import distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    ref_small, ref_big = torch.rand(4, 10, generator=g), 1000 * torch.rand(4, 30, generator=g)
+    out_small = ref_small * 1.1
+    assert distill_loss(out_small, ref_small) == pytest.approx(float(((out_small - ref_small) ** 2).mean()))
+    exact = {"scores": ref_small, "boxes": ref_big}
+    only_small = float(distill_loss({"scores": out_small, "boxes": ref_big}, exact))
+    only_big = float(distill_loss({"scores": ref_small, "boxes": ref_big * 1.1}, exact))
+    # the big output has 3× the elements and the same relative error: 3× the loss, not 10⁶×
+    assert only_big / only_small == pytest.approx(3, rel=1e-4)
+    both = float(distill_loss({"scores": out_small, "boxes": ref_big * 1.1}, exact))
+    assert both == pytest.approx(only_small + only_big, rel=1e-5)
