@@ -21,7 +21,8 @@ commands:
   run MODEL --spec SPEC.json --data DATA -o OUT [--report R.json]   the whole pipeline locally, no server
   serve [--host 127.0.0.1] [--port 8000]                            API plus a local worker (embedded default)
   worker                                                            a Celery worker for the configured broker
-  submit MODEL --spec SPEC.json --data DATA [--wait] [-o OUT]       submit a job to a running service
+  submit MODEL --spec SPEC.json --data DATA [--wait] [-o OUT]       submit a job to a running service (an ONNX
+                                                                    model's external data files go with it)
   status ID | cancel ID | download ID [-o OUT]                      one job on a running service
 """
 
@@ -119,7 +120,12 @@ def _submit(argv: list[str]) -> int:
                   file=sys.stderr)
             return 1
         print(summary_table(job), file=sys.stderr)
-        print(f"downloaded {c.download(job['id'], _result_name(job, args.output))}", file=sys.stderr)
+        dest = c.download(job["id"], _result_name(job, args.output))
+        print(f"downloaded {dest}", file=sys.stderr)
+        kind = next((k for k in (".zip", ".tar.gz", ".tar") if _result_name(job, None).name.endswith(k)), None)
+        if kind and not dest.name.endswith(kind):  # -o slim.onnx for a model with external data
+            print(f"note: {dest} is a {kind} bundle of the .onnx model and its external data file",
+                  file=sys.stderr)
         print(json.dumps(job))
         return 0
 

@@ -2,7 +2,8 @@
 
 Retries idempotent calls on connection errors and 5xx/429 with backoff; ``submit`` sets an
 ``Idempotency-Key`` for you, so retrying a submit after a dropped connection never creates two jobs.
-Uploads are streamed from disk.
+Uploads are streamed from disk. An ONNX model whose tensors live in external data files is sent together
+with them (the ``model`` field once per file), as the server expects.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from slimcore.onnx_refs import external_locations, name_problem  # stdlib only
 
 TERMINAL = ("succeeded", "failed", "canceled")
 
@@ -25,6 +29,24 @@ class SlimAPIError(Exception):
     def __init__(self, status: int, problem: dict[str, Any]) -> None:
         self.status, self.problem = status, problem
         super().__init__(f"{status} {problem.get('title', '')}: {problem.get('detail', '')}".strip())
+
+
+def model_files(model: Path) -> list[Path]:
+    """The model and, for ONNX with external data, the data files it names beside it (FileNotFoundError when
+    one is missing). Names the server would refuse are left for it to explain."""
+    with open(model, "rb") as f:
+        onnx_like = f.read(1) == b"\x08"
+    if not onnx_like:
+        return [model]
+    try:
+        names = external_locations(model)
+    except ValueError:  # not ONNX after all, or damaged: the server says which
+        return [model]
+    extra = [model.parent / n for n in names if name_problem(n) is None]
+    for p in extra:
+        if not p.is_file():
+            raise FileNotFoundError(f"{model.name} keeps tensors in {p.name!r}, which is not beside it ({p})")
+    return [model, *extra]
 
 
 class SlimClient:
@@ -55,7 +77,7 @@ class SlimClient:
                     raise
             time.sleep(delay)
             delay = min(delay * 2, 8)
-            for f in (kw.get("files") or {}).values():  # rewind streamed uploads before retrying
+            for _field, f in kw.get("files") or []:  # rewind streamed uploads before retrying
                 if hasattr(f[1], "seek"):
                     f[1].seek(0)
         if r.status_code >= 400:
@@ -70,9 +92,9 @@ class SlimClient:
                idempotency_key: str | None = None) -> dict[str, Any]:
         text = Path(spec).read_text() if isinstance(spec, Path) else spec if isinstance(spec, str) else json.dumps(spec)
         key = idempotency_key or uuid.uuid4().hex
-        with open(model, "rb") as fm, open(data, "rb") as fd:
-            files = {"model": (Path(model).name, fm, "application/octet-stream"),
-                     "dataset": (Path(data).name, fd, "application/octet-stream")}
+        with ExitStack() as stack:
+            files = [(field, (p.name, stack.enter_context(open(p, "rb")), "application/octet-stream"))
+                     for field, p in [*(("model", p) for p in model_files(Path(model))), ("dataset", Path(data))]]
             r = self._request("POST", "/jobs", data={"spec": text}, files=files, headers={"Idempotency-Key": key})
         return r.json()
 

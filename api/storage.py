@@ -22,7 +22,9 @@ from fsspec.implementations.local import LocalFileSystem
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 _CHECKPOINT = re.compile(r"^checkpoints/[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-NAMES = frozenset({"model", "dataset", "result", "report.json"})
+MODEL_FILES = "model-files.json"  # the manifest of a model sent as several files: [{"name", "artifact"}, …]
+NAMES = frozenset({"model", "dataset", "result", "report.json", MODEL_FILES})
+MODEL_PART = re.compile(r"^model-files/[1-9][0-9]{0,2}$")  # a model's further files (ONNX external data)
 PLOT = re.compile(r"^plots/[a-z_]{1,32}\.png$")  # the report's PNGs (slimcore/plots.py)
 CHUNK = 1024 * 1024
 
@@ -38,7 +40,7 @@ class UploadTooLarge(Exception):
 def _check(job_id: str, name: str) -> None:
     if not JOB_ID.match(job_id):
         raise ValueError(f"not a job id: {job_id!r}")
-    if name not in NAMES and not _CHECKPOINT.match(name) and not PLOT.match(name):
+    if name not in NAMES and not _CHECKPOINT.match(name) and not PLOT.match(name) and not MODEL_PART.match(name):
         raise ValueError(f"not an artifact name: {name!r}")
 
 
@@ -84,7 +86,8 @@ class ArtifactWriter:
 
 
 class ArtifactStore:
-    """``jobs/{id}/model``, ``dataset``, ``result``, ``report.json`` and ``checkpoints/{name}``."""
+    """``jobs/{id}/model``, ``dataset``, ``result``, ``report.json`` and ``checkpoints/{name}``; a model sent
+    as several files also has ``model-files/{n}`` and the manifest ``model-files.json`` naming them."""
 
     def __init__(self, url: str) -> None:
         if "://" not in url:

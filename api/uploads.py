@@ -29,21 +29,29 @@ class StoredFile:
     filename: str
     size: int
     sha256: str
+    artifact: str = ""
 
 
 @dataclass
 class FormPlan:
-    """What the form may contain: file fields (field name → artifact name) and capped text fields."""
+    """What the form may contain: file fields (field name → artifact name) and capped text fields; a field in
+    ``repeat`` may come up to N times, its further parts stored as ``PREFIX/1``, ``PREFIX/2``, … and all its
+    parts together held to ``file_limit`` (one model in several files is still one upload's worth)."""
 
     files: dict[str, str]
     texts: dict[str, int]
     file_limit: int
+    repeat: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 @dataclass
 class ReceivedForm:
     files: dict[str, StoredFile] = field(default_factory=dict)
     texts: dict[str, str] = field(default_factory=dict)
+    repeats: dict[str, list[StoredFile]] = field(default_factory=dict)  # a repeated field's 2nd, 3rd, … parts
+
+    def all_files(self, name: str) -> list[StoredFile]:
+        return [self.files[name], *self.repeats.get(name, [])] if name in self.files else []
 
 
 def _display_name(raw: bytes | None) -> str:
@@ -68,6 +76,7 @@ class _Receiver:
         self._field = ""
         self._filename = ""
         self._writer: ArtifactWriter | None = None
+        self._artifact = ""
         self._text: bytearray | None = None
 
     def callbacks(self) -> dict[str, Callable[..., None]]:
@@ -98,11 +107,21 @@ class _Receiver:
         known = sorted([*self.plan.files, *self.plan.texts])
         if name not in self.plan.files and name not in self.plan.texts:
             raise ProblemError(422, "invalid-form", f"unexpected form field {name!r}; the fields are {known}")
+        artifact = self.plan.files.get(name, "")
         if name in self.form.files or name in self.form.texts:
-            raise ProblemError(422, "invalid-form", f"form field {name!r} given twice")
+            if name not in self.plan.repeat:
+                raise ProblemError(422, "invalid-form", f"form field {name!r} given twice")
+            prefix, most = self.plan.repeat[name]
+            n = len(self.form.repeats.get(name, [])) + 1
+            if n >= most:
+                raise ProblemError(422, "invalid-form", f"form field {name!r} given more than {most} times; "
+                                   "send that many files at most, or one .zip bundle")
+            artifact = f"{prefix}/{n}"
         self._field, self._filename = name, _display_name(options.get(b"filename"))
         if name in self.plan.files:
-            self._writer = self.store.open_write(self.job_id, self.plan.files[name], self.plan.file_limit)
+            used = sum(f.size for f in self.form.all_files(name))
+            self._writer = self.store.open_write(self.job_id, artifact, self.plan.file_limit - used)
+            self._artifact = artifact
         else:
             self._text = bytearray()
 
@@ -111,8 +130,10 @@ class _Receiver:
             try:
                 self._writer.write(memoryview(data)[start:end])
             except UploadTooLarge as err:
-                raise ProblemError(413, "too-large", f"{self._field} is {err}; "
-                                   "the server's SLIM_MAX_UPLOAD_BYTES sets the limit") from None
+                what = f"{self._field} is {err}" if self._field not in self.form.files else (
+                    f"{self._field}'s files are together larger than the limit of {self.plan.file_limit} bytes")
+                raise ProblemError(413, "too-large", f"{what}; the server's SLIM_MAX_UPLOAD_BYTES sets the "
+                                   "limit") from None
         elif self._text is not None:
             self._text += data[start:end]
             if len(self._text) > self.plan.texts[self._field]:
@@ -123,7 +144,11 @@ class _Receiver:
         if self._writer is not None:
             size, digest = self._writer.commit()
             self._writer = None
-            self.form.files[self._field] = StoredFile(self._filename, size, digest)
+            stored = StoredFile(self._filename, size, digest, self._artifact)
+            if self._field in self.form.files:
+                self.form.repeats.setdefault(self._field, []).append(stored)
+            else:
+                self.form.files[self._field] = stored
         elif self._text is not None:
             try:
                 text = self._text.decode("utf-8")

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -34,7 +35,9 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.parent and not out.parent.exists():
         raise SlimError(f"output directory does not exist: {out.parent}")
-    report = run_job(Path(args.model), spec, Path(args.data), out, progress=_progress, device=args.device)
+    with tempfile.TemporaryDirectory(prefix="slim-run-") as scratch:  # extracted bundles and data archives
+        report = run_job(Path(args.model), spec, Path(args.data), out, progress=_progress, device=args.device,
+                         workdir=Path(scratch))
     text = json.dumps(report, indent=2)
     if args.report:
         Path(args.report).write_text(text)
@@ -58,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="slim", description="Slim a neural network by BatchNorm channel pruning")
     sub = ap.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="the whole pipeline locally, no server")
-    run.add_argument("model", help="TorchScript file or torch.export .pt2 program")
+    run.add_argument("model", help="TorchScript file, torch.export .pt2 program, ONNX file (its external data "
+                                   "files beside it) or a .zip/.tar.gz bundle of an ONNX file and its data files")
     run.add_argument("--spec", required=True, help="job spec JSON (version 1)")
     run.add_argument("--data", required=True, help=".npz or ImageFolder .zip/.tar.gz")
     run.add_argument("-o", "--output", required=True, help="where to write the slimmed model")

@@ -315,8 +315,12 @@ def _load_image_folder(path: Path, task: str, shape: tuple[int, ...] | None, see
         raise SlimError(f"image archives need input_shape [N, C, H, W] with C=1 (grayscale) or 3 (RGB) "
                         f"to size the images; got {got}")
     safe_extract(path, dest)
-    root = _find_root(dest)
     labelled = task == "classification"
+    flat = None if labelled else _flat_images(dest)
+    if flat is not None:  # distillation from unlabeled images: the teacher gives the targets
+        root, files = flat
+        return _split(_read_images(files, root, shape), None, seed, None)
+    root = _find_root(dest)
     classes = _class_dirs(root / "train", "train")
     train_files, train_labels = _list_images(root / "train", classes, labelled)
     x = _read_images(train_files, root, shape)
@@ -353,6 +357,21 @@ def _find_root(dest: Path) -> Path:
     found = ", ".join(p.name + ("/" if p.is_dir() else "") for p in top[:5]) or "nothing"
     raise SlimError(f"the archive has no train/ folder (top level holds: {found}); "
                     "lay it out as train/<class>/<image> and optionally val/<class>/<image>")
+
+
+def _flat_images(dest: Path) -> tuple[Path, list[Path]] | None:
+    """Images in one folder (at the top or in one wrapper folder), no train/ and no class folders: what a
+    detection or segmentation user has. Only for distillation; None when the layout is not that."""
+    root = dest
+    top = sorted(p for p in dest.iterdir() if _visible(p))
+    if len(top) == 1 and top[0].is_dir():
+        root = top[0]
+    if (root / "train").is_dir():
+        return None
+    files = sorted(p for p in root.iterdir() if p.is_file() and _visible(p) and p.suffix.lower() in IMAGE_EXTS)
+    if not files or any(p.is_dir() and _visible(p) for p in root.iterdir()):
+        return None
+    return root, files
 
 
 def _class_dirs(split_dir: Path, split: str) -> list[str]:

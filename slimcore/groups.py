@@ -1,16 +1,19 @@
 """Coupled channel groups of a lifted model, and their BatchNorm scaling factors.
 
-Torch-Pruning's ``DependencyGraph`` finds which channels must go together (residual adds, concatenation,
-depthwise convs, flatten→linear). Everything on top of it is ours: which groups are prunable, which γ
-rank each channel, and the index tensors that let importance be computed in one gather per BN instead
-of Python loops per step.
+Which channels must go together comes from our own analysis of the fx graph (:mod:`slimcore.coupling`):
+residual adds, concatenation, splits and slices along channels (CSP, C2f, Res2Net, GhostNet, MixNet),
+depthwise and grouped convolutions (whole groups), squeeze-excitation gates, flatten→linear. Torch-Pruning
+is kept only as a cross-check in tests.
+
+A *component* is a set of channels removed together (one channel of a residual stream in every layer
+that carries it; one whole group of a grouped convolution). Components that touch exactly the same
+layers, split pieces and slices form a :class:`ChannelGroup`, the unit the planner ranks and floors, so
+keeping ``min_channels`` components per group keeps every layer, split piece and slice non-empty.
 
 Choices made here (documented for users in the README):
 - A group is prunable only if at least one BatchNorm sees its channels (no γ, nothing to rank).
-- Groups that touch a grouped, non-depthwise convolution are left whole: TP 1.6.1 slices such convs'
-  input channels naively (``keep[:len//groups]``), which silently corrupts them.
-- The output layer (the last conv/linear before the graph output) and modules matching
-  ``prune.ignore`` globs are never pruned, nor is any group that contains them.
+- Channels that reach the model's outputs or come from its inputs, pass through an op the analysis does
+  not follow, or belong to modules matching ``prune.ignore`` stay; the report names the reason.
 - A channel coupled to several BNs (a residual stream) is ranked by the largest of its |γ|: it is
   only removed when every BN that sees it says it is unimportant. The group-level form
   (``method.group``) uses the mean instead, as Torch-Pruning's group reduction does.
@@ -19,19 +22,16 @@ Choices made here (documented for users in the README):
 from __future__ import annotations
 
 import fnmatch
-import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.fx as fx
-import torch_pruning as tp
 from torch import nn
 
+from .coupling import Coupling, analyze
+from .coupling.core import BN_TYPES, CONV_TYPES
 from .errors import NothingToPrune
-
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-IN_CHANNEL_FNS = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
 
 
 def public_name(name: str) -> str:
@@ -57,6 +57,10 @@ class ChannelGroup:
     size: int
     bns: list[BNView]
     layers: list[str] = field(default_factory=list)  # public names of modules whose out-channels shrink
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # component per channel
+    weight: torch.Tensor | None = None  # BatchNorm channels each component removes (grouped convs: > 1)
+    # (module, consumes?, positions) of every conv/linear the group touches, for rescaling methods
+    members: list[tuple[nn.Module, bool, list[int]]] = field(default_factory=list)
 
     def importance(self, reduce: str = "max") -> torch.Tensor:
         """Per-channel importance in root indexing, from the coupled |γ|."""
@@ -76,17 +80,20 @@ class ChannelGroup:
 
 @dataclass
 class GroupSet:
-    graph: tp.DependencyGraph
+    coupling: Coupling
     groups: list[ChannelGroup]
     skipped: dict[str, str]  # root layer → why it is not prunable
     output_layers: list[str]
     ignore: list[str] = field(default_factory=list)
     unprunable: dict[str, str] = field(default_factory=dict)
+    coverage: dict[str, int] = field(default_factory=dict)  # BatchNorm channels: prunable / total
 
     def to(self, device: torch.device) -> GroupSet:
         for g in self.groups:
             for b in g.bns:
                 b.bn_idx, b.root_idx = b.bn_idx.to(device), b.root_idx.to(device)
+            if g.weight is not None:
+                g.weight = g.weight.to(device)
         return self
 
 
@@ -107,71 +114,104 @@ def output_layers(gm: fx.GraphModule) -> list[str]:
     return found
 
 
-def build_groups(model: fx.GraphModule, example: torch.Tensor, ignore: list[str],
+def build_groups(model: nn.Module, example: torch.Tensor, ignore: list[str],
                  unprunable: dict[str, str] | None = None) -> GroupSet:
-    """Trace dependencies and collect prunable groups; raises if the model has no BatchNorm at all.
+    """Analyse channel coupling and collect prunable groups; raises if the model has no BatchNorm at all.
 
-    ``unprunable`` (module path → reason) comes from the importer: layers whose channels cross an op
-    channel indices cannot be mapped through (a channel shuffle); every group containing one stays whole.
+    ``unprunable`` (module path → reason) comes from the importer: layers it knows must stay whole.
     """
     unprunable = unprunable or {}
-    names = {m: n for n, m in model.named_modules()}
     if not any(isinstance(m, BN_TYPES) for m in model.modules()):
         raise NothingToPrune(
             "the model has no BatchNorm layers: network slimming ranks channels by BatchNorm γ, so there is "
             "nothing to rank (ONNX files with BatchNorm folded into Conv need the ONNX importer)")
-    outs = output_layers(model)
-    ignored = [model.get_submodule(n) for n in outs]
-    for n, m in model.named_modules():
-        if isinstance(m, CONV_TYPES + (nn.Linear,)) and any(
-                fnmatch.fnmatchcase(public_name(n), pat) for pat in ignore):
-            ignored.append(m)
-    was_training = model.training
-    model.eval()  # TP runs a forward: keep BN running statistics untouched
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-        raw = list(dg.get_all_groups(ignored_layers=ignored, root_module_types=CONV_TYPES + (nn.Linear,)))
-    model.train(was_training)
-    groups: list[ChannelGroup] = []
-    skipped: dict[str, str] = {}
-    for g in raw:
-        root = g[0].dep.target.module
-        rname = public_name(names.get(root, "?"))
-        bns: list[BNView] = []
-        layers: list[str] = []
-        why = ""
-        for item in g.items:
-            mod, fn = item.dep.target.module, item.dep.handler
-            if isinstance(mod, CONV_TYPES) and 1 < mod.groups < mod.in_channels and not (
-                    mod.groups == mod.in_channels == mod.out_channels):
-                why = f"coupled to grouped convolution {public_name(names.get(mod, '?'))} (groups={mod.groups})"
-            if isinstance(mod, BN_TYPES) and dg.is_out_channel_pruning_fn(fn):
-                bns.append(BNView(public_name(names[mod]), mod, torch.tensor(item.idxs, dtype=torch.long),
-                                  torch.tensor(item.root_idxs, dtype=torch.long)))
-            elif dg.is_out_channel_pruning_fn(fn) and isinstance(mod, CONV_TYPES + (nn.Linear,)):
-                layers.append(public_name(names.get(mod, "?")))
-        for lay in layers:
-            for path, reason in unprunable.items():
-                if public_name(path) == lay and not why:
-                    why = reason
-        if not why and not bns:
-            why = "no BatchNorm sees these channels"
-        if why:
-            skipped[rname] = why
-            continue
-        groups.append(ChannelGroup(len(groups), rname, root, len(g[0].idxs), _dedupe(bns), layers))
+    gm = model if isinstance(model, fx.GraphModule) else None
+    outs = output_layers(gm) if gm is not None else []
+    pins = {n: f"layer {public_name(n)} is in prune.ignore" for n, m in model.named_modules()
+            if isinstance(m, CONV_TYPES + (nn.Linear,)) and any(fnmatch.fnmatchcase(public_name(n), p) for p in ignore)}
+    for path, why in unprunable.items():
+        pins.setdefault(path, why)
+    cp = analyze(model, example, pins)
+    mods = dict(model.named_modules())
+    groups, skipped, coverage = _collect(cp, mods)
     if not groups:
         detail = "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:5]) or "no conv/linear groups found"
         raise NothingToPrune(f"no prunable channel group in the model ({detail})")
-    return GroupSet(dg, groups, skipped, [public_name(o) for o in outs], list(ignore), dict(unprunable))
+    return GroupSet(cp, groups, skipped, [public_name(o) for o in outs], list(ignore), dict(unprunable), coverage)
 
 
-def _dedupe(bns: list[BNView]) -> list[BNView]:
-    seen: dict[int, BNView] = {}
-    for b in bns:
-        seen.setdefault(id(b.module), b)
-    return list(seen.values())
+def _collect(cp: Coupling, mods: dict[str, nn.Module]) -> tuple[list[ChannelGroup], dict[str, str], dict[str, int]]:
+    """Components → groups of components that touch the same places (see module doc)."""
+    touches: dict[int, set[tuple[str, str, int]]] = {}
+    has_bn: set[int] = set()
+    for rec in cp.records:
+        labs = cp.label[rec.atoms]
+        if rec.kind == "split":
+            bounds = np.cumsum([0] + rec.extra["sizes"])
+            seg = np.searchsorted(bounds, np.arange(labs.size), side="right") - 1
+            keys = {(int(lb), int(sg)) for lb, sg in zip(labs.tolist(), seg.tolist(), strict=True)}
+            for lb, sg in keys:
+                touches.setdefault(lb, set()).add(("split", rec.name, sg))
+            continue
+        for lb in np.unique(labs).tolist():
+            touches.setdefault(lb, set()).add((rec.kind, rec.name, 0))
+        if rec.kind == "bn":
+            has_bn.update(np.unique(labs).tolist())
+    by_key: dict[frozenset, list[int]] = {}
+    skipped: dict[str, str] = {}
+    for lb, t in touches.items():
+        root = _root(t)
+        if lb in cp.pinned:
+            if root is not None:
+                skipped.setdefault(public_name(root), cp.pinned[lb])
+            continue
+        if lb not in has_bn:
+            if root is not None:
+                skipped.setdefault(public_name(root), "no BatchNorm sees these channels")
+            continue
+        by_key.setdefault(frozenset(t), []).append(lb)
+    lab2gid = np.full(cp.n_atoms, -1, dtype=np.int64)
+    lab2pos = np.zeros(cp.n_atoms, dtype=np.int64)
+    groups: list[ChannelGroup] = []
+    for key, labs in by_key.items():
+        arr = np.array(sorted(labs), dtype=np.int64)
+        lab2gid[arr] = len(groups)
+        lab2pos[arr] = np.arange(arr.size)
+        root = _root(key) or next(n for k, n, _ in key if k == "bn")
+        layers = sorted(public_name(n) for k, n, _ in key if k == "out")
+        groups.append(ChannelGroup(len(groups), public_name(root), mods[root], int(arr.size), [], layers, arr))
+    total = prunable = 0
+    for rec in cp.records:
+        labs = cp.label[rec.atoms]
+        gids = lab2gid[labs]
+        if rec.kind == "bn":
+            total += labs.size
+            prunable += int((gids >= 0).sum())
+        for gid in np.unique(gids[gids >= 0]).tolist():
+            g = groups[gid]
+            pos = np.nonzero(gids == gid)[0]
+            roots = lab2pos[labs[pos]]
+            if rec.kind == "bn":
+                g.bns.append(BNView(public_name(rec.name), mods[rec.name], torch.as_tensor(pos, dtype=torch.long),
+                                    torch.as_tensor(roots, dtype=torch.long)))
+            elif rec.kind in ("in", "out"):
+                mod = mods[rec.name]
+                if rec.kind == "in" and isinstance(mod, CONV_TYPES) and mod.groups > 1:
+                    continue
+                cols = (pos[:, None] * rec.rep + np.arange(rec.rep)).reshape(-1) if rec.rep > 1 else pos
+                g.members.append((mod, rec.kind == "in", cols.tolist()))
+    for g in groups:
+        w = torch.zeros(g.size)
+        for b in g.bns:
+            cnt = torch.zeros(g.size).index_add_(0, b.root_idx, torch.ones(b.root_idx.numel()))
+            w = torch.maximum(w, cnt)
+        g.weight = w.clamp_min(1)
+    return groups, skipped, {"prunable": prunable, "total": total}
+
+
+def _root(touch: set | frozenset) -> str | None:
+    outs = sorted(n for k, n, _ in touch if k == "out")
+    return outs[0] if outs else None
 
 
 def all_bns(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:

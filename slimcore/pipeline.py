@@ -22,6 +22,7 @@ from .checkpoint import CheckpointStore
 from .data import load_dataset
 from .errors import JobCanceled, NothingToPrune, SlimError
 from .export import EXPORTERS
+from .external_data import deliver, open_model, upload_bytes
 from .formats import detect_format
 from .groups import all_bns, build_groups
 from .lift import IMPORTERS, Imported
@@ -50,13 +51,18 @@ def _load_plugins() -> None:
                 raise
 
 
-def import_model(path: Path, spec: JobSpec) -> Imported:
+def import_model(path: Path, spec: JobSpec, workdir: Path | None = None) -> Imported:
+    """Lift the upload: a model file, a folder holding one ``.onnx`` with its data files, or a bundle of
+    them (extracted under ``workdir``); ``meta["bundle"]`` and ``meta["model_file"]`` say which it was."""
     _load_plugins()
-    fmt = detect_format(path)
+    source = open_model(path, workdir)
+    fmt = detect_format(source.path)
     if fmt not in IMPORTERS:
         raise SlimError(f"{fmt} models are not supported yet (supported: {', '.join(IMPORTERS.names())})")
     shapes = spec.shapes()
-    return IMPORTERS.get(fmt)(path, shapes[0] if shapes and len(shapes) == 1 else shapes)
+    imported = IMPORTERS.get(fmt)(source.path, shapes[0] if shapes and len(shapes) == 1 else shapes)
+    imported.meta.update(bundle=source.bundle, model_file=source.path.name)
+    return imported
 
 
 def _stage(model: torch.nn.Module, ev: Any, example: io.Inputs, timed: bool = True) -> dict[str, Any]:
@@ -73,9 +79,11 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
             workdir: Path | None = None, progress: ProgressFn | None = None,
             should_stop: Callable[[], bool] | None = None, device: str | None = None,
-            checkpoints: CheckpointStore | None = None) -> dict[str, Any]:
+            checkpoints: CheckpointStore | None = None, bundle_as: str | None = None) -> dict[str, Any]:
     """Run (or resume, when ``checkpoints`` holds one) a whole job; returns the gamma report.
 
+    The result keeps the upload's layout (:mod:`.external_data`); ``bundle_as`` (``zip``) packs an
+    external-data result of an upload that was not a bundle, as the service does for one download.
     Raises SlimError subclasses for bad input and JobCanceled when ``should_stop`` fires.
     """
     t_start = time.perf_counter()
@@ -83,12 +91,14 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     say: ProgressFn = progress or (lambda phase, frac, metrics: None)
     ck = checkpoints.load() if checkpoints is not None else None
     say("importing", 0.0, {"resumed_from": f"{ck['phase']}:{ck['epoch']}"} if ck else {})
-    imported = import_model(model_path, spec)
+    say("importing", 0.1, {"step": "lifting the model graph"})
+    imported = import_model(model_path, spec, workdir)
     if len(imported.input_shapes) > 1 and spec.prune.target in ("flops", "params"):
         # prune.plan measures cost on example[:1], a single tensor; remove once it takes io.Inputs
         raise SlimError(f"prune.target {spec.prune.target!r} is not supported yet for models with several "
                         f"inputs ({', '.join(imported.input_names)}); use 'channels' or 'threshold'")
     model = imported.module
+    say("importing", 0.4, {"step": "reading the data"})
     data = load_dataset(data_path, task=spec.task, input_shape=imported.input_shapes, seed=spec.seed,
                         workdir=workdir)
     example = io.apply(io.rows(data.x_train, slice(0, 2)), torch.clone)
@@ -105,7 +115,9 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     teacher = copy.deepcopy(model).eval() if spec.task == "distillation" else None
     reference = copy.deepcopy(model).eval()
     names = imported.output_names
+    say("importing", 0.8, {"step": "analysing channel coupling"})
     gs = build_groups(model, example, spec.prune.ignore, imported.meta.get("unprunable"))
+    say("importing", 1.0, {"step": "channel groups found", "groups": len(gs.groups)})
     bns = all_bns(model)
     warm: dict[str, Any] | None = None
     early: dict[str, Any] = {}
@@ -230,7 +242,10 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     model.cpu().float().eval()
     with torch.no_grad():
         final = _per_output(io.call(model, val), before, names)
-    EXPORTERS.get(fmt)(model, imported, out_path, example)
+    external = fmt == "onnx" and bool(imported.meta.get("onnx_external_data"))
+    bundle = imported.meta["bundle"] if fmt == "onnx" and imported.meta["bundle"] else bundle_as if external else None
+    written = deliver(lambda dest: EXPORTERS.get(fmt)(model, imported, dest, example), out_path, external=external,
+                      bundle=bundle, inner_name=imported.meta["model_file"], workdir=workdir)
     outputs = [{"name": n, "shape": list(t.shape[1:])} for n, t in io.named_leaves(before, imported.output_names)]
     channels_after = {name: int(bn.num_features) for name, bn in bns}
     odd = [n for n, c in channels_after.items() if c % 8 and n in gamma0 and c != gamma0[n].numel()]
@@ -256,7 +271,7 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
                 f"training and reached {reached:.0%}: removal cost more accuracy than it needed to; give more "
                 f"sparse_training.epochs, more method.pilot_runs, or a method.strength")
     rb.extra.update({
-        "format": {"in": imported.fmt, "out": fmt},
+        "format": {"in": imported.fmt, "out": fmt, "external_data": external, "bundle": bundle},
         "target": {"kind": p.target, "requested": p.requested, "achieved": round(p.achieved, 6)},
         "removed_channels": p.removed_channels,
         "output_deviation_relative": io.rel_error(after_, before),
@@ -273,9 +288,13 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
         "sparse_training_stopped_because": early.get("why"),
         "pilot": pilot,
         "not_pruned": gs.skipped, "output_layers": gs.output_layers,
+        "prunable_bn_channels": {**gs.coverage,
+                                 "share": round(gs.coverage["prunable"] / max(gs.coverage["total"], 1), 4)},
     })
     report = rb.build(threshold=p.threshold, layers=layer_table(gamma0, gamma1, channels_after, p.threshold),
-                      model_bytes={"before": model_path.stat().st_size, "after": out_path.stat().st_size},
+                      model_bytes={"before": upload_bytes(model_path, [] if imported.meta["bundle"] else
+                                                          imported.meta.get("onnx_external_data", [])),
+                                   "after": written},
                       output_deviation=deviation)
     say("exporting", 1.0, {})
     return report

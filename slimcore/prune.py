@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .groups import CONV_TYPES, IN_CHANNEL_FNS, ChannelGroup, GroupSet
+from .coupling import prune as _prune
+from .groups import CONV_TYPES, GroupSet
 from .spec import PruneSpec
 
 
@@ -67,7 +68,7 @@ def _select(gs: GroupSet, ranked: tuple[torch.Tensor, torch.Tensor, torch.Tensor
     by_id = {g.gid: g for g in gs.groups}
     for g_id, lst in chosen.items():
         g = by_id[g_id]
-        if round_to > 1 and g.size >= round_to:
+        if round_to > 1 and g.size >= round_to and float(g.weight.max()) == 1:  # not whole conv groups
             keep = math.ceil((g.size - len(lst)) / round_to) * round_to
             lst = lst[: max(0, g.size - keep)]  # lst is ascending by importance: drop the most important
         if lst:
@@ -87,6 +88,7 @@ def _threshold(ranked: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int) 
 def plan(model: nn.Module, gs: GroupSet, spec: PruneSpec, reduce: str, example: torch.Tensor) -> Plan:
     ranked = _rank(gs, reduce, spec.min_channels)
     total = sum(g.size for g in gs.groups)
+    total_w = float(sum(float(g.weight.sum()) for g in gs.groups))
     n_cand = ranked[0].numel()
     warnings: list[str] = []
     if spec.target == "threshold":
@@ -97,13 +99,20 @@ def plan(model: nn.Module, gs: GroupSet, spec: PruneSpec, reduce: str, example: 
                             f"per-layer floor (min_channels={spec.min_channels})")
         remove = _select(gs, ranked, k, spec.round_to)
         p = Plan("threshold", spec.amount, float(spec.amount), remove, warnings=warnings)
-        p.achieved = p.removed_channels / total
+        p.achieved = _removed_weight(gs, remove) / total_w
         return p
     if spec.target == "channels":
-        k = min(round(spec.amount * total), n_cand)
+        # Components of a grouped convolution remove a whole group of channels at once: count channels.
+        weights = torch.cat([g.weight.cpu() for g in gs.groups])
+        offsets = torch.tensor([0] + [g.size for g in gs.groups]).cumsum(0)
+        assert all(g.gid == i for i, g in enumerate(gs.groups))  # gid is the group's position
+        w = weights[offsets[ranked[1]] + ranked[2]] \
+            if n_cand else torch.zeros(0)
+        k = min(int(torch.searchsorted(torch.cumsum(w, 0), spec.amount * total_w - 0.5)) + 1, n_cand) \
+            if n_cand else 0
         remove = _select(gs, ranked, k, spec.round_to)
         p = Plan("channels", spec.amount, _threshold(ranked, k), remove, warnings=warnings)
-        p.achieved = p.removed_channels / total
+        p.achieved = _removed_weight(gs, remove) / total_w
     else:
         base = cost(model, spec.target, example)
         lo, hi = 0, n_cand
@@ -120,13 +129,22 @@ def plan(model: nn.Module, gs: GroupSet, spec: PruneSpec, reduce: str, example: 
         remove = _select(gs, ranked, lo, spec.round_to)
         p = Plan(spec.target, spec.amount, _threshold(ranked, lo), remove, warnings=warnings)
         p.achieved = 1 - _cost_after(model, gs, remove, spec.target, example) / base
-    tol = max(1.0 / total, 0.02) if spec.target == "channels" else 0.02
+    tol = max(1.0 / max(total, 1), 0.02) if spec.target == "channels" else 0.02
     if p.achieved + tol < spec.amount:
         p.warnings.append(
             f"target not reached: asked to remove {spec.amount:.0%} of {spec.target}, removed {p.achieved:.1%} "
             f"(per-layer floors min_channels={spec.min_channels}, round_to={spec.round_to}, ignored or "
             f"unprunable layers limit it)")
     return p
+
+
+def gs_by_id(gs: GroupSet) -> dict:
+    return {g.gid: g for g in gs.groups}
+
+
+def _removed_weight(gs: GroupSet, remove: dict[int, torch.Tensor]) -> float:
+    by_id = gs_by_id(gs)
+    return float(sum(float(by_id[gid].weight[idx].sum()) for gid, idx in remove.items() if idx.numel()))
 
 
 def cost(model: nn.Module, unit: str, example: torch.Tensor) -> float:
@@ -137,14 +155,8 @@ def cost(model: nn.Module, unit: str, example: torch.Tensor) -> float:
 
 def _cost_after(model: nn.Module, gs: GroupSet, remove: dict[int, torch.Tensor], unit: str,
                 example: torch.Tensor) -> float:
-    # TP's graph holds autograd nodes and cannot be deep-copied: rebuild it on the copy, match by root name.
-    from .groups import build_groups
-
-    m2 = copy.deepcopy(model)
-    gs2 = build_groups(m2, example, gs.ignore, gs.unprunable)
-    by_name = {g.root_name: g.gid for g in gs2.groups}
-    names = {g.gid: g.root_name for g in gs.groups}
-    apply(m2, gs2, {by_name[names[k]]: v for k, v in remove.items()}, calib=None)
+    m2 = copy.deepcopy(model)  # the analysis names modules and nodes, so it applies to the copy as it is
+    apply(m2, gs, remove, calib=None)
     return cost(m2, unit, example)
 
 
@@ -155,32 +167,28 @@ def apply(model: nn.Module, gs: GroupSet, remove: dict[int, torch.Tensor],
     ``calib`` is a list of input batches used to measure each consumer's mean input per channel; with
     None (cost estimation) nothing is compensated.
     """
-    by_id: dict[int, ChannelGroup] = {g.gid: g for g in gs.groups}
-    pruning = [(by_id[gid], idx) for gid, idx in sorted(remove.items()) if idx.numel()]
-    # Groups are fetched again right before each prune: concat offsets shift as earlier groups shrink.
-    first = [_group_of(gs, g, idx) for g, idx in pruning]
-    consumers = {item.dep.target.module for pg in first for item in pg.items
-                 if item.dep.handler in IN_CHANNEL_FNS and not _depthwise(item.dep.target.module)}
-    means = _input_means(model, consumers, calib) if calib is not None else {}
-    alive = {m: torch.arange(_in_features(m)) for m in consumers}
-    for g, idx in pruning:
-        pg = _group_of(gs, g, idx)
-        for item in pg.items:
-            mod = item.dep.target.module
-            if mod not in consumers or item.dep.handler not in IN_CHANNEL_FNS:
-                continue
-            cur = torch.tensor(item.idxs, dtype=torch.long)
+    by_id = {g.gid: g for g in gs.groups}
+    labels = [int(x) for gid, idx in remove.items() if idx.numel()
+              for x in by_id[gid].labels[idx.cpu().numpy()].tolist()]
+    if not labels:
+        return
+    cp = gs.coupling
+    hook = None
+    if calib is not None:
+        from .coupling.surgery import keep_mask, removed_labels
+
+        rem = removed_labels(cp, labels)
+        mods = dict(model.named_modules())
+        consumers = {mods[r.name] for r in cp.records if r.kind == "in" and not keep_mask(cp, r, rem).all()
+                     and not (isinstance(mods[r.name], CONV_TYPES) and mods[r.name].groups > 1)}
+        means = _input_means(model, consumers, calib)
+
+        def hook(mod: nn.Module, keep: object) -> None:
             if mod in means:
-                _absorb(mod, cur, means[mod][alive[mod][cur]])
-            keep = torch.ones(alive[mod].numel(), dtype=torch.bool)
-            keep[cur] = False
-            alive[mod] = alive[mod][keep]
-        pg.prune()
+                cur = torch.as_tensor((~keep).nonzero()[0], dtype=torch.long)
+                _absorb(mod, cur, means[mod][cur])
 
-
-def _group_of(gs: GroupSet, g: ChannelGroup, idx: torch.Tensor) -> object:
-    dg = gs.graph
-    return dg.get_pruning_group(g.root, dg.get_pruner_of_module(g.root).prune_out_channels, idx.tolist())
+    _prune(model, cp, labels, before_module=hook)
 
 
 def _depthwise(m: nn.Module) -> bool:

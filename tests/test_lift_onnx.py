@@ -9,7 +9,7 @@ Which exports keep BN: ``dynamo=True`` folds BN into Conv unless ``optimize=Fals
 folds unless ``do_constant_folding=False`` (with ``training=PRESERVE``). A BN that does not follow a
 conv cannot be folded (DenseNet's pre-activation BNs, the BatchNorm1d after SmallCNN's Linear in the
 legacy export), so "folded" means "as many BN as the file has", usually 0. The dynamo exporter writes
-external data by default (refused: single-file only), so the tests pass ``external_data=False``. The
+external data by default (tests/test_onnx_external.py covers that), so these pass ``external_data=False``. The
 legacy exporter cannot export VGG at 64x64 (adaptive_avg_pool2d from 2x2 to 7x7), so that case is at 224.
 """
 
@@ -34,7 +34,7 @@ from tests.zoo import input_shape, make_model
 torch.set_num_threads(1)
 BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 META = {"onnx_opset", "onnx_ir_version", "onnx_inputs", "onnx_outputs", "onnx_metadata", "onnx_producer",
-        "unprunable", "bn_in_file"}
+        "unprunable", "bn_in_file", "onnx_external_data"}
 VARIANTS = [("dynamo", False), ("dynamo", True), ("legacy", False), ("legacy", True)]
 TORCHVISION = ["resnet18", "vgg11_bn", "mobilenet_v2", "efficientnet_b0", "densenet121"]
 LIGHT = ["resnet18", "mobilenet_v2", "efficientnet_b0"]  # legacy exports of these take < 6 s; the rest 10-60 s
@@ -249,8 +249,9 @@ def test_constant_flatten_shape_follows_pruning(target: list[int], tmp_path: Pat
         assert gm(torch.randn(7, 3, 4, 4)).shape == (7, 4)
 
 
-def test_channel_shuffle_is_fenced(tmp_path: Path) -> None:
-    """Reshape (N, 2, C/2, H, W) + Transpose + Reshape back mixes channels: the conv feeding it is unprunable."""
+def test_channel_shuffle_is_followed(tmp_path: Path) -> None:
+    """Reshape (N, 2, C/2, H, W) + Transpose + Reshape back: sizes follow the tensor at run time, and the
+    coupling analysis ties each column of the (2, C/2) grid, so a's 8 channels go in 4 pairs."""
     m = _model([helper.make_node("Conv", ["x", "a.weight"], ["a"], name="a"),
                 helper.make_node("Reshape", ["a", "s5"], ["r5"]),
                 helper.make_node("Transpose", ["r5"], ["t"], perm=[0, 2, 1, 3, 4]),
@@ -260,10 +261,16 @@ def test_channel_shuffle_is_fenced(tmp_path: Path) -> None:
                 numpy_helper.from_array(np.array([0, 2, 4, 6, 6]), "s5"),
                 numpy_helper.from_array(np.array([0, 8, 6, 6]), "s4")], ["N", 3, 6, 6], ["N", 5, 6, 6])
     imp = import_onnx(_save(m, tmp_path / "s.onnx"), None)
-    assert set(imp.meta["unprunable"]) == {"m.a"} and "channel" in imp.meta["unprunable"]["m.a"]
+    assert imp.meta["unprunable"] == {}
     with torch.no_grad():
         x = torch.randn(4, 3, 6, 6)
         assert relative_error(imp.original(x), imp.module(x)) <= 1e-5
+    from slimcore.coupling import analyze
+
+    cp = analyze(imp.module, x[:2])
+    out_a = next(r for r in cp.records if r.kind == "out" and r.name.endswith("a"))
+    labels = cp.label[out_a.atoms]
+    assert len(set(labels.tolist())) == 4 and (labels[:4] == labels[4:]).all()
 
 
 class _Decoder(nn.Module):
@@ -328,7 +335,9 @@ def test_bad_files_are_one_line_errors(tmp_path: Path) -> None:
     ext = tmp_path / "ext.onnx"
     onnx.save(good, str(ext), save_as_external_data=True, all_tensors_to_one_file=True, location="ext.data",
               size_threshold=0)
-    with pytest.raises(SlimError, match="external data"):
+    assert import_onnx(ext, None).meta["onnx_external_data"] == ["ext.data"]  # read from beside the model
+    (tmp_path / "ext.data").unlink()
+    with pytest.raises(SlimError, match="external data 'ext.data', which is missing"):
         import_onnx(ext, None)
 
     erf = _model([helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Erf", ["c"], ["y"], name="erf0")],

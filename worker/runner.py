@@ -104,7 +104,7 @@ def run(job_id: str, store: JobStore, *, worker_name: str | None = None, device:
     try:
         with _Liveness(store, job_id, interval=store.heartbeat_interval) as live:
             model, data = scratch / "model", scratch / f"dataset{data_suffix(job.get('dataset_name'))}"
-            store.fetch_inputs(job_id, model, data)
+            model = store.fetch_inputs(job_id, model, data)
             spec = parse_spec(job["spec"])
             out = scratch / "result"
             report = _run_pipeline(model, spec, data, out, scratch, progress, live, store, job_id, device)
@@ -115,8 +115,7 @@ def run(job_id: str, store: JobStore, *, worker_name: str | None = None, device:
             store.save_outputs(job_id, out, json.dumps(report).encode())
             store.save_plots(job_id, plots)
             summary = summary_of(report)
-            stem = Path(job.get("model_name") or "model").stem
-            summary["filename"] = f"slim-{stem}{EXTENSIONS.get(report['format']['out'], '')}"
+            summary["filename"] = result_name(job.get("model_name"), report["format"])
             store.finish(job_id, "succeeded", summary=summary)
             return "succeeded"
     except JobCanceled:
@@ -151,8 +150,9 @@ def _run_pipeline(model: Path, spec: Any, data: Path, out: Path, scratch: Path, 
                   store: JobStore, job_id: str, device: str | None) -> dict[str, Any]:
     from slimcore.pipeline import run_job  # torch is imported here, in the child, never in the parent
 
+    # one download: a result with external data comes back as a zip bundle unless the upload was another bundle
     return run_job(model, spec, data, out, workdir=scratch, progress=progress, should_stop=live.cancel.is_set,
-                   checkpoints=StorageCheckpoints(store, job_id), device=device)
+                   checkpoints=StorageCheckpoints(store, job_id), device=device, bundle_as="zip")
 
 
 def data_suffix(name: str | None) -> str:
@@ -162,6 +162,19 @@ def data_suffix(name: str | None) -> str:
         if low.endswith(suf):
             return suf
     return ""
+
+
+def result_name(upload: str | None, fmt: dict[str, Any]) -> str:
+    """``slim-<upload stem>`` with the result's extension (``.zip`` etc. when it is a bundle)."""
+    stem = Path(upload or "model").name
+    for suf in (".tar.gz", ".tgz", ".tar", ".zip"):
+        if stem.lower().endswith(suf):
+            stem = stem[: -len(suf)]
+            break
+    else:
+        stem = Path(stem).stem
+    bundle = fmt.get("bundle")
+    return f"slim-{stem or 'model'}{'.' + bundle if bundle else EXTENSIONS.get(fmt['out'], '')}"
 
 
 def summary_of(report: dict[str, Any]) -> dict[str, Any]:

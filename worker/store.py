@@ -14,7 +14,9 @@ from typing import Any
 from api.db import init_db, make_engine
 from api.jobs.repository import JobRepository
 from api.settings import Settings, get_settings
-from api.storage import ArtifactStore
+from api.storage import MODEL_FILES, ArtifactStore
+from slimcore.errors import SlimError
+from slimcore.onnx_refs import name_problem
 
 CHECKPOINT = "checkpoints/state"
 EXTENSIONS = {"torchscript": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
@@ -63,9 +65,21 @@ class JobStore:
                error: dict[str, Any] | None = None) -> None:
         self.repo.finish_job(job_id, status, summary=summary, error=error)
 
-    def fetch_inputs(self, job_id: str, model: Path, dataset: Path) -> None:
-        self.artifacts.get_to_file(job_id, "model", model)
+    def fetch_inputs(self, job_id: str, model: Path, dataset: Path) -> Path:
+        """Copy the uploads to local files; returns the model's path: the file, or a folder of the files a
+        model came as (an ONNX model and its external data), under their uploaded names, checked again."""
         self.artifacts.get_to_file(job_id, "dataset", dataset)
+        if not self.artifacts.exists(job_id, MODEL_FILES):
+            return self.artifacts.get_to_file(job_id, "model", model)
+        with self.artifacts.open_read(job_id, MODEL_FILES) as f:
+            parts = json.load(f)
+        model.mkdir(parents=True)
+        for part in parts:
+            bad = name_problem(part["name"])
+            if bad:
+                raise SlimError(f"model file {part['name']!r} cannot be stored: {bad}")
+            self.artifacts.get_to_file(job_id, part["artifact"], model / part["name"])
+        return model
 
     def save_outputs(self, job_id: str, result: Path, report: bytes) -> None:
         self.artifacts.put_file(job_id, "result", result)

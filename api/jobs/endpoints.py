@@ -44,7 +44,9 @@ _SUBMIT_BODY = {
                 "required": ["model", "spec", "dataset"],
                 "properties": {
                     "model": {"type": "string", "format": "binary",
-                              "description": "TorchScript, ONNX or torch.export (.pt2) file"},
+                              "description": "TorchScript, ONNX or torch.export (.pt2) file; an ONNX model with "
+                                             "external data: repeat this field for the .onnx and each data file, "
+                                             "or send one .zip/.tar.gz bundle of them"},
                     "spec": {"$ref": "#/components/schemas/JobSpec"},
                     "dataset": {"type": "string", "format": "binary",
                                 "description": ".npz, or an ImageFolder .zip / .tar.gz"},

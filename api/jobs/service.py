@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
+from slimcore.onnx_refs import name_problem  # stdlib only
 from slimcore.plots import PLOTS  # torch-free, like slimcore.spec
 from slimcore.spec import JobSpec, format_validation_error
 
@@ -29,8 +30,8 @@ from ..db import utcnow
 from ..problems import ProblemError
 from ..queue import enqueue
 from ..settings import Settings
-from ..storage import JOB_ID, ArtifactStore
-from ..uploads import FormPlan, ReceivedForm, receive_form
+from ..storage import JOB_ID, MODEL_FILES, ArtifactStore
+from ..uploads import FormPlan, ReceivedForm, StoredFile, receive_form
 from .models import QUEUED, STATUSES, SUCCEEDED, Job
 from .repository import JobRepository
 
@@ -39,6 +40,7 @@ log = logging.getLogger("slim.api")
 SPEC_LIMIT = 1024 * 1024
 IDEMPOTENCY_KEY_MAX = 255
 EXTENSIONS = {"torchscript": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
+MAX_MODEL_FILES = 64
 
 
 def validate_spec(text: str) -> JobSpec:
@@ -107,11 +109,14 @@ class JobService:
                 specs.append(validate_spec(text))
 
         plan = FormPlan(files={"model": "model", "dataset": "dataset"}, texts={"spec": SPEC_LIMIT},
-                        file_limit=self.settings.max_upload_bytes)
+                        file_limit=self.settings.max_upload_bytes, repeat={"model": ("model-files", MAX_MODEL_FILES)})
         keep = False
         try:
             form = await receive_form(request, self.store, job_id, plan, on_text)
             job = self._new_job(job_id, owner, idempotency_key, form, specs)
+            if len(form.all_files("model")) > 1:  # before the row: a worker must never miss the manifest
+                manifest = [{"name": f.filename, "artifact": f.artifact} for f in form.all_files("model")]
+                await run_in_threadpool(self.store.put_stream, job_id, MODEL_FILES, [json.dumps(manifest).encode()])
             stored, replayed = await run_in_threadpool(self._record, job)
             keep = not replayed
             return stored, replayed
@@ -127,7 +132,7 @@ class JobService:
         for name in ("model", "dataset"):
             if form.files[name].size == 0:
                 raise ProblemError(422, "empty-upload", f"{name} is empty", fields=[name])
-        spec, model, data = specs[0], form.files["model"], form.files["dataset"]
+        spec, model, data = specs[0], model_of(form.all_files("model")), form.files["dataset"]
         now = utcnow()
         return Job(created_at=now, updated_at=now,
             id=job_id, owner=owner or "", status=QUEUED, progress=0.0, metrics={}, attempts=0,
@@ -226,6 +231,32 @@ class JobService:
                 with self.store.open_read(job_id, f"plots/{name}.png") as f:
                     out[name] = f.read()
         return out
+
+
+def model_of(parts: list[StoredFile]) -> StoredFile:
+    """The model as one record: the upload, or for several files (an ONNX model and its external data) the
+    .onnx one's name with a digest of all of them. Their names become file names in the worker's folder, so
+    they are checked here; what the model refers to is checked by the worker, which reads it."""
+    if len(parts) == 1:
+        return parts[0]
+    names = [p.filename for p in parts]
+    for p in parts:
+        bad = "it has no file name" if not p.filename else name_problem(p.filename)
+        if bad:
+            raise ProblemError(422, "invalid-model-files", f"model file {p.filename!r} cannot be stored: {bad}",
+                               fields=["model"])
+        if p.size == 0:
+            raise ProblemError(422, "empty-upload", f"model file {p.filename!r} is empty", fields=["model"])
+    if len(set(names)) != len(names):
+        raise ProblemError(422, "invalid-model-files", f"model files have repeated names ({', '.join(names)}); "
+                           "each file of a model needs its own name", fields=["model"])
+    onnx = [n for n in names if n.lower().endswith(".onnx")]
+    if len(onnx) != 1:
+        raise ProblemError(422, "invalid-model-files", f"{len(parts)} model files were sent ({', '.join(names)}) "
+                           f"with {len(onnx)} .onnx among them; several model files must be exactly one .onnx "
+                           "model and its external data files", fields=["model"])
+    digest = hashlib.sha256(json.dumps([[p.filename, p.sha256] for p in parts]).encode()).hexdigest()
+    return StoredFile(onnx[0], sum(p.size for p in parts), digest, "model")
 
 
 def download_name(job: Job) -> str:

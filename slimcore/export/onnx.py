@@ -29,6 +29,9 @@ so an upload without BN comes back without BN. BNs that were in the file (``bn_i
 BatchNormalization nodes: the file keeps the upload's structure and learned γ (it can be slimmed again),
 and onnxruntime fuses Conv+BN at session load, so inference costs the same. (The dynamo fallback folds
 Conv→BN regardless.)
+External data: an upload whose weights were in a data file (``meta["onnx_external_data"]``) is written as
+``OUT`` plus ``OUT.data`` (tensors over 1 KiB in the data file, like torch's exporter); other uploads as
+one file. The checker then reads the data file through the path.
 Dtypes: the module computes in float32; where the upload's input or output dtype differs, a Cast at the
 graph's edge restores it (parity then allows that dtype's rounding, 2e-3 for float16).
 Metadata: the upload's ``metadata_props`` are copied, plus ``slim.source_producer`` (its producer name
@@ -56,6 +59,7 @@ from torch import nn
 
 from .. import io as slim_io
 from ..errors import ParityError
+from ..external_data import data_file, save_onnx
 from ..lift import Imported
 from ..lift.bn_insert import META_KEY, fold_bn
 from . import EXPORTERS, rel_error
@@ -89,6 +93,7 @@ def export_onnx(module: nn.Module, imported: Imported, out: Path, example: slim_
     prepared = _prepare(module, imported)
     b0 = target.inputs[0]["dims"][0]  # batch 2 and 5 when symbolic: a file that baked the batch passes only one
     checks = [_at_batch(example, b0)] if isinstance(b0, int) else [_at_batch(example, 2), _at_batch(example, 5)]
+    external = bool(imported.meta.get("onnx_external_data"))  # the upload kept its weights in a data file
     failures: list[str] = []
     for name, route in ROUTES:
         try:
@@ -97,12 +102,14 @@ def export_onnx(module: nn.Module, imported: Imported, out: Path, example: slim_
                 model = route(prepared, checks[0], target)
             model = _to_opset(model, target.opset)
             _conform(model, target)
-            onnx.save_model(model, str(out), save_as_external_data=False)
-            verify(out, module, checks, target)
+            save_onnx(model, out, external)
+            verify(out, module, checks, target, external)
             return
         except Exception as e:  # every route's reason goes into the one error the user sees
             failures.append(f"{name}: {_first_line(e)}")
     out.unlink(missing_ok=True)
+    if external:
+        data_file(out).unlink(missing_ok=True)
     raise ParityError("could not write an ONNX model equivalent to the pruned one (" + "; ".join(failures) + ")")
 
 
@@ -404,15 +411,17 @@ def _rename(g: onnx.GraphProto, old: str, new: str) -> None:
             item.name = new
 
 
-def verify(path: Path, module: nn.Module, batches: list[slim_io.Inputs], t: Target) -> None:
+def verify(path: Path, module: nn.Module, batches: list[slim_io.Inputs], t: Target, external: bool = False) -> None:
     """Check the written file: ONNX checker (full), interface as the upload's (every input and output, by
-    name and order), onnxruntime parity on every output."""
+    name and order), onnxruntime parity on every output; its external data, if any, only in ``PATH.data``
+    (the checker is given the path so that it reads it)."""
     import onnxruntime as ort
 
     model = onnx.load(str(path), load_external_data=False)
-    onnx.checker.check_model(model, full_check=True)
-    if any(i.data_location == TensorProto.EXTERNAL for i in model.graph.initializer):
-        raise ParityError("the written ONNX file refers to external data")
+    onnx.checker.check_model(str(path) if external else model, full_check=True)
+    places = {e.value for i in model.graph.initializer for e in i.external_data if e.key == "location"}
+    if places - ({data_file(path).name} if external else set()):
+        raise ParityError(f"the written ONNX file refers to external data {sorted(places)}")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, torch.get_num_threads())
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])

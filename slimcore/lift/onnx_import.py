@@ -4,8 +4,8 @@ The graph is rebuilt node by node by :mod:`.onnx_lift` (converters in ``onnx_ops
 ``onnx_pool``), then treated like the other importers' output: chunks and reshapes are un-baked or
 fenced by :mod:`.reshapes`, :func:`.modularize.modularize` turns conv/BN/linear calls into modules, and
 the result is checked against the uploaded file run in onnxruntime (the reference, also for parity
-later). Only single-file models are accepted: external tensor data has had path-traversal CVEs, and a
-lone ``.onnx`` upload could not carry it anyway.
+later). External tensor data (which has had path-traversal CVEs) is read only from checked files in the
+model's own folder, by :mod:`slimcore.external_data`.
 
 Most ONNX files have no BatchNorm left (both ``torch.onnx.export`` paths fold it into Conv in eval
 mode); ``meta["bn_in_file"]`` says whether any survived so the pipeline can refuse BN-scale pruning of a
@@ -26,6 +26,7 @@ from torch import nn
 
 from .. import io
 from ..errors import ParityError, SlimError, UnsupportedModel
+from ..external_data import load_external_tensors
 from . import IMPORTERS, Imported
 from .modularize import modularize
 from .onnx_lift import DTYPES, MAX_OPSET, MIN_OPSET, Lifter, default_opset, lift_graph
@@ -35,7 +36,8 @@ from .reshapes import unbake_chunks, unbake_views, unprunable_layers
 
 @IMPORTERS.register("onnx")
 def import_onnx(path: Path, input_shape: tuple[int, ...] | None) -> Imported:
-    model = load_model(path)
+    data_files: list[str] = []
+    model = load_model(path, data_files)
     graph = model.graph
     inits = {i.name for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in inits]
@@ -81,6 +83,7 @@ def import_onnx(path: Path, input_shape: tuple[int, ...] | None) -> Imported:
         # module path -> why; the pruner must leave every group containing one whole
         "unprunable": unprunable_layers(gm),
         "bn_in_file": any(n.op_type == "BatchNormalization" for n in graph.node),
+        "onnx_external_data": data_files,  # written back with external data too when non-empty
     }
     imported = Imported(module=gm, fmt="onnx", original=original, input_shape=shape, input_name=inputs[0].name,
                         dynamic_batch=dynamic, meta=meta, input_shapes=shapes,
@@ -117,19 +120,19 @@ def _drop_empty(module: nn.Module) -> bool:
     return type(module) is nn.Module and not (module._modules or module._parameters or module._buffers)
 
 
-def load_model(path: Path) -> onnx.ModelProto:
-    """Parse a single-file ONNX model; refuse damaged files, external data and unchecked opsets."""
+def load_model(path: Path, data_files: list[str] | None = None) -> onnx.ModelProto:
+    """Parse an ONNX model, its external data read in (their file names appended to ``data_files``); refuse
+    damaged files, unsafe or inconsistent data files and unchecked opsets."""
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # DecodeError and friends: a truncated or non-ONNX upload
         raise SlimError(f"{Path(path).name} is not a readable ONNX model: {_first_line(e)}") from None
     if not model.HasField("graph") or not model.graph.node:
         raise SlimError(f"{Path(path).name} is not an ONNX model with a graph (damaged upload?)")
-    for t in _tensors(model.graph):
-        if t.data_location == onnx.TensorProto.EXTERNAL or t.external_data:
-            raise SlimError(f"tensor {t.name!r} is stored in an external data file; only single-file ONNX models "
-                            "are accepted (re-export with external_data=False, or onnx.save(model, path, "
-                            "save_as_external_data=False))")
+    # external data (torch's default export writes model.onnx.data): read from checked files beside the model
+    used = load_external_tensors(_tensors(model.graph), Path(path))
+    if data_files is not None:
+        data_files.extend(used)
     if model.functions:  # model-local functions (some exporters wrap modules in them): inline their bodies
         from onnx import inliner
 

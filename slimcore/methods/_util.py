@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from .. import io
-from ..groups import CONV_TYPES, IN_CHANNEL_FNS, ChannelGroup, GroupSet
+from ..groups import CONV_TYPES, ChannelGroup, GroupSet
 
 BN = nn.modules.batchnorm._BatchNorm
 
@@ -92,18 +92,7 @@ def group_items(gs: GroupSet, g: ChannelGroup) -> list[tuple[nn.Module, bool, li
     ``consumes`` is True where the group's channels are the module's *input* columns; depthwise convs
     (channel in = channel out) are listed as producers, as Torch-Pruning does.
     """
-    dg = gs.graph
-    pg = dg.get_pruning_group(g.root, dg.get_pruner_of_module(g.root).prune_out_channels, list(range(g.size)))
-    out, seen = [], set()
-    for item in pg.items:
-        mod = item.dep.target.module
-        if not isinstance(mod, CONV_TYPES + (nn.Linear,)):
-            continue
-        consumes = item.dep.handler in IN_CHANNEL_FNS
-        if (id(mod), consumes) not in seen:
-            seen.add((id(mod), consumes))
-            out.append((mod, consumes, list(item.idxs)))
-    return out
+    return list(g.members)
 
 
 def depthwise(m: nn.Module) -> bool:
