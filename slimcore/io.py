@@ -12,7 +12,8 @@ batch on dim 0. Single-input code keeps passing plain tensors: every helper acce
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeAlias
 
 import torch
@@ -37,17 +38,22 @@ def call(model: Callable[..., Any], x: Any) -> Any:
     return model(*args(x))
 
 
-class Splat(torch.nn.Module):
-    """``model`` callable as ``m(batch)`` with ``batch`` a tensor or a tuple of inputs (or as ``m(*inputs)``):
-    an adapter for code written for one-input models that calls ``model(batch)``. Holds ``model`` as a
-    submodule, so ``eval()``/``train()`` and hooks on its layers work through it."""
+@contextlib.contextmanager
+def batch_calls(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within the block ``model(batch)`` also takes a tuple of inputs, as ``model(*batch)``: for code written
+    for one-input models that calls ``model(batch)`` (``prune.apply``'s calibration) until it calls
+    :func:`call`. The instance's forward is shadowed rather than the model wrapped, because a wrapper
+    would rename every submodule (``inner.m.conv``) and code that looks layers up by name would miss them."""
+    forward = type(model).forward
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.inner = model
+    def unpacking(*xs: Any) -> Any:
+        return forward(model, *(xs[0] if len(xs) == 1 and isinstance(xs[0], tuple) else xs))
 
-    def forward(self, *xs: Any) -> Any:
-        return call(self.inner, xs[0] if len(xs) == 1 else xs)
+    model.forward = unpacking  # type: ignore[method-assign]
+    try:
+        yield model
+    finally:
+        del model.forward
 
 
 def num_rows(x: Any) -> int:

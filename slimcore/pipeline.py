@@ -219,7 +219,8 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     val = io.rows(data.x_val, slice(0, 512))
     with torch.no_grad():
         before = io.call(reference, val)
-    apply(io.Splat(model), gs, p.remove, calib)  # Splat: prune.apply calls model(batch)
+    with io.batch_calls(model):  # prune.apply calls model(batch); several inputs come as a tuple
+        apply(model, gs, p.remove, calib)
     model.eval()
     with torch.no_grad():
         after_ = io.call(model, val)

@@ -223,9 +223,8 @@ def test_bad_multi_io_input_is_one_line(tmp_path):
 
 @pytest.mark.heavy
 def test_torchvision_lraspp_dict_output(tmp_path):
-    """torchvision's LRASPP MobileNetV3 (returns {"out": ...}) as a .pt2 program, slimmed by distillation at
-    a small input; the slimmed program returns the same dict and shapes. (As TorchScript its archive holds
-    ``code/__torch__/torchvision/models/…``, which format detection on main still reads as a .pt2.)"""
+    """torchvision's LRASPP MobileNetV3 (returns {"out": ...}), traced as users must (strict=False), slimmed
+    by distillation at a small input; the slimmed file returns the same dict and shapes."""
     import torchvision
 
     from tests.zoo import randomize_bn
@@ -233,13 +232,13 @@ def test_torchvision_lraspp_dict_output(tmp_path):
     torch.manual_seed(0)
     model = randomize_bn(torchvision.models.segmentation.lraspp_mobilenet_v3_large(
         weights=None, weights_backbone=None, num_classes=3)).eval()
-    path = save_as_user(model, "pt2", (torch.rand(2, 3, 64, 64),), tmp_path / "lraspp.pt2", [], [])
+    path = save_as_user(model, "trace", (torch.rand(2, 3, 64, 64),), tmp_path / "lraspp.pt", [], [])
     np.savez(tmp_path / "x.npz", x=np.random.default_rng(0).random((24, 3, 64, 64), dtype=np.float32))
-    out, report = slim(tmp_path, path, tmp_path / "x.npz", task="distillation",
+    out, report = slim(tmp_path, path, tmp_path / "x.npz", task="distillation", input_shape=[1, 3, 64, 64],
                        prune={"amount": 0.2, "min_channels": 8})
     fresh = (torch.rand(3, 3, 64, 64),)
-    got, want = run_file(out, "pt2", fresh), run_file(path, "pt2", fresh)
-    assert_same_form("pt2", got, want, [])
+    got, want = run_file(out, "trace", fresh), run_file(path, "trace", fresh)
+    assert_same_form("trace", got, want, [])
     assert list(got) == list(want) == ["out"] and got["out"].shape == (3, 3, 64, 64)
     assert report["stages"]["finetuned"]["params"] < report["stages"]["baseline"]["params"]
     assert list(report["stages"]["finetuned"]["distillation_error_per_output"]) == ["out"]
