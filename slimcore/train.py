@@ -54,13 +54,18 @@ def logits(out: object) -> torch.Tensor:
     return io.leaves(out)[index]
 
 
+FLOOR = 1e-8
+
+
 def distill_loss(out: object, ref: object) -> torch.Tensor:
     """Match every output of the teacher: ``Σ_k w_k · MSE_k``.
 
     ``w_k = (n_k / N) · (P / p_k)``: ``n_k`` is output k's element count (N their sum), ``p_k`` the teacher's
     mean square of output k on this batch and ``P`` the mean square over all outputs. With one output this is
     the plain MSE; with several each output's *relative* error counts by its size, whatever its scale, so
-    detection boxes in pixels do not drown class scores in [0, 1].
+    detection boxes in pixels do not drown class scores in [0, 1]. ``p_k`` is floored at ``FLOOR · P``: an
+    output that is all but silent (a random-weight YOLO's raw feature maps, mean square 1e-19) would
+    otherwise get a weight that blows the gradients up.
     """
     outs, refs = io.leaves(out), io.leaves(ref)
     if len(outs) != len(refs):
@@ -73,7 +78,8 @@ def distill_loss(out: object, ref: object) -> torch.Tensor:
     pooled = sum(p * (n / total) for p, n in zip(powers, sizes, strict=True))
     loss = outs[0].new_zeros((), dtype=torch.float32)
     for o, r, p, n in zip(outs, refs, powers, sizes, strict=True):
-        scale = torch.where(p > 1e-12, pooled / p.clamp_min(1e-12), torch.ones_like(p))
+        denom = torch.maximum(p, pooled * FLOOR)  # a near-silent output (1e-19) must not get a 1e21 weight
+        scale = torch.where(denom > 1e-12, pooled / denom.clamp_min(1e-12), torch.ones_like(p))
         loss = loss + (n / total) * scale * F.mse_loss(o.float(), r.float())
     return loss
 
