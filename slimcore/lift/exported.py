@@ -32,7 +32,7 @@ from torch import nn
 from .. import io
 from ..errors import ParityError, SlimError, UnsupportedModel
 from . import IMPORTERS, Imported
-from .modularize import modularize, mutates, packet
+from .modularize import constant_path, modularize, mutates, packet
 from .parity import check_parity
 from .reshapes import BARRIER, unbake_chunks, unbake_views, unprunable_layers
 
@@ -127,7 +127,7 @@ def _rebuild(src: fx.GraphModule, out_spec: Any = None) -> tuple[fx.GraphModule,
         if node.op == "call_function" and packet(node.target) in _ASSERTS:
             continue
         if node.op == "get_attr":
-            _copy_tensor(src, root, node)
+            target = _copy_tensor(src, root, node)
         elif node.op == "output":
             graph.output(_outputs(node, env, out_spec))
             continue
@@ -138,12 +138,15 @@ def _rebuild(src: fx.GraphModule, out_spec: Any = None) -> tuple[fx.GraphModule,
         new.meta["lift_name"] = node.name  # parity.first_divergence pairs nodes by it
         if new.op == "call_function":
             new.target = packet(new.target)
+        elif new.op == "get_attr":
+            new.target = target
         env[node] = new
     graph.eliminate_dead_code(is_impure_node=mutates)
     return fx.GraphModule(root, graph), x_vals  # type: ignore[return-value]
 
 
-def _copy_tensor(src: nn.Module, root: nn.Module, node: fx.Node) -> None:
+def _copy_tensor(src: nn.Module, root: nn.Module, node: fx.Node) -> str:
+    """Copy the tensor ``node`` reads to ``consts.`` + its path on ``root``; returns the new path."""
     obj: Any = src
     for part in str(node.target).split("."):
         obj = getattr(obj, part)
@@ -151,7 +154,8 @@ def _copy_tensor(src: nn.Module, root: nn.Module, node: fx.Node) -> None:
         raise UnsupportedModel(f"node {node.name} reads {node.target}, a {type(obj).__name__}, not a tensor "
                                "(control flow and custom objects are not supported)")
     owner = root
-    *parents, leaf = str(node.target).split(".")
+    path = constant_path(str(node.target))
+    *parents, leaf = path.split(".")
     for p in parents:
         child = owner._modules.get(p)
         if child is None:
@@ -159,6 +163,7 @@ def _copy_tensor(src: nn.Module, root: nn.Module, node: fx.Node) -> None:
             owner.add_module(p, child)
         owner = child
     owner.register_buffer(leaf, obj.detach().clone())
+    return path
 
 
 def _outputs(node: fx.Node, env: dict[fx.Node, fx.Node], out_spec: Any) -> Any:

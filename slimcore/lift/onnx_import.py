@@ -22,14 +22,14 @@ import numpy as np
 import onnx
 import torch
 import torch.fx as fx
-from torch import nn
 
 from .. import io
 from ..errors import ParityError, SlimError, UnsupportedModel
 from ..external_data import load_external_tensors
 from . import IMPORTERS, Imported
 from .modularize import modularize
-from .onnx_lift import DTYPES, MAX_OPSET, MIN_OPSET, Lifter, default_opset, lift_graph
+from .onnx_graph import Lifter, lift_graph
+from .onnx_lift import DTYPES, MAX_OPSET, MIN_OPSET, default_opset
 from .parity import check_parity
 from .reshapes import unbake_chunks, unbake_views, unprunable_layers
 
@@ -69,9 +69,6 @@ def import_onnx(path: Path, input_shape: tuple[int, ...] | None) -> Imported:
     feeds = dict(zip((i.name for i in inputs), io.args(example), strict=True))
     gm = lift_single(model, feeds)
     modularize(gm, example)
-    for name in [k for k in gm._modules if k != "m"]:
-        if _drop_empty(gm._modules[name]):  # type: ignore[arg-type]
-            del gm._modules[name]
     gm.eval()
     meta: dict[str, Any] = {
         "onnx_opset": default_opset(model),
@@ -110,14 +107,6 @@ def lift_single(model: onnx.ModelProto, feeds: dict[str, torch.Tensor]) -> fx.Gr
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
-
-
-def _drop_empty(module: nn.Module) -> bool:
-    """Delete holder modules that modularize emptied (their tensors moved into ``m``); True if empty."""
-    for name, child in list(module._modules.items()):
-        if type(child) is nn.Module and _drop_empty(child):
-            del module._modules[name]
-    return type(module) is nn.Module and not (module._modules or module._parameters or module._buffers)
 
 
 def load_model(path: Path, data_files: list[str] | None = None) -> onnx.ModelProto:

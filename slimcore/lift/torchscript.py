@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import nn
 
 from .. import io
 from ..errors import SlimError, UnsupportedModel
@@ -86,7 +85,23 @@ def _freeze(module: torch.jit.ScriptModule, ranks: list[int]) -> torch.jit.Scrip
         torch._C._jit_pass_constant_propagation(graph)
     _strip_guards(graph.block())
     torch._C._jit_pass_dce(graph)
+    _refuse_training_mode(graph)
     return frozen
+
+
+def _refuse_training_mode(graph: torch._C.Graph) -> None:
+    """A model traced before ``.eval()`` has ``training=True`` baked into every BatchNorm call.
+
+    Its file normalises with batch statistics and updates its running statistics on every call, so
+    there is no fixed function to lift or compare against (ultralytics and timm models are built in
+    training mode; forgetting ``.eval()`` before ``torch.jit.trace`` is common).
+    """
+    for n in graph.nodes():
+        if n.kind() != "aten::batch_norm" or n.inputsAt(3).type().kind() == "NoneType":
+            continue  # without running statistics (track_running_stats=False) batch statistics are the model
+        if n.inputsAt(5).node().kind() == "prim::Constant" and n.inputsAt(5).toIValue() is True:
+            raise UnsupportedModel(f"BatchNorm node %{n.output().debugName()} runs in training mode (batch "
+                                   "statistics): the model was traced before .eval(); trace model.eval() again")
 
 
 def _strip_guards(block: torch._C.Block) -> None:
@@ -129,14 +144,6 @@ def _fence_reshapes(gm: fx.GraphModule, example: io.Inputs) -> None:
     unbake_views(gm)
     for n in gm.graph.nodes:
         n.meta.pop("val", None)
-
-
-def _drop_empty(module: nn.Module) -> bool:
-    """Delete holder modules left without tensors once modularize moved the weights out; True if empty."""
-    for name, child in list(module._modules.items()):
-        if type(child) is nn.Module and _drop_empty(child):
-            del module._modules[name]
-    return type(module) is nn.Module and not (module._modules or module._parameters or module._buffers)
 
 
 def _tensors_only(t: Any) -> bool:
@@ -197,9 +204,6 @@ def import_torchscript(path: Path, input_shape: tuple[int, ...] | None) -> Impor
     gm = Lifter(frozen).run()
     _fence_reshapes(gm, example)
     modularize(gm, example)
-    for name in [k for k in gm._modules if k != "m"]:
-        if _drop_empty(gm._modules[name]):  # type: ignore[arg-type]
-            del gm._modules[name]
     gm.eval()
     # the op-level graph (before modularize) localises a parity failure; only built if one happens
     check_parity(runner, gm, example, stage="import", reference=lambda: Lifter(frozen).run())

@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import UnsupportedModel
-from .modularize import mutates
+from .modularize import CONSTANTS, constant_path, mutates
 
 aten = torch.ops.aten
 
@@ -156,11 +156,13 @@ class Lifter:
         return val
 
     def _install(self, path: str, t: torch.Tensor) -> str:
-        """Register ``t`` under its source attribute path (``self.layer1.0.conv1.weight``) if free."""
+        """Register ``t`` under ``consts.`` + its source attribute path (``self.layer1.0.conv1.weight``) if free."""
         parts = path.split(".")[1:] if path.startswith("self.") else []
-        if parts and parts[0] == "m":
-            parts[0] = "m_"  # gm.m is where modularize puts the modules
-        owner = self.root
+        holder = self.root._modules.get(CONSTANTS)
+        if holder is None:
+            holder = nn.Module()
+            self.root.add_module(CONSTANTS, holder)
+        owner = holder
         try:
             for p in parts[:-1]:
                 if p not in owner._modules:
@@ -171,12 +173,12 @@ class Lifter:
                     owner.register_parameter(parts[-1], nn.Parameter(t))
                 else:
                     owner.register_buffer(parts[-1], t)
-                return ".".join(parts)
+                return constant_path(".".join(parts))
         except (KeyError, TypeError):  # a name nn.Module reserves or that is not an identifier
             pass
-        name = next(f"const_{i}" for i in range(len(self.attrs) + 2) if not hasattr(self.root, f"const_{i}"))
-        self.root.register_buffer(name, t)
-        return name
+        name = next(f"const_{i}" for i in range(len(self.attrs) + 2) if not hasattr(holder, f"const_{i}"))
+        holder.register_buffer(name, t)
+        return constant_path(name)
 
     def _bind(self, n: torch._C.Node, result: Any) -> None:
         outs = list(n.outputs())
