@@ -139,21 +139,21 @@ class _Looping(nn.Module):
         return x
 
 
-class _TwoInputs(nn.Module):
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return x + y
+class _IntArg(nn.Module):
+    def forward(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        return x * k
 
 
-class _TwoOutputs(nn.Module):
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return x, x + 1
+class _CountOut(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return x, 3
 
 
 @pytest.mark.parametrize(("module", "needle"), [
     (_Branchy(), "unsupported TorchScript op prim::If at node %"),
     (_Looping(), "unsupported TorchScript op prim::Loop at node %"),
-    (_TwoInputs(), "exactly one tensor input"),
-    (_TwoOutputs(), "single tensor output"),
+    (_IntArg(), "must take tensor inputs only"),
+    (_CountOut(), "supported: a tensor, or a tuple, list or dict"),
 ])
 def test_unsupported_models_name_the_problem(module: nn.Module, needle: str, tmp_path: Path) -> None:
     path = tmp_path / "m.pt"

@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .. import io
 from ..errors import UnsupportedModel
 
 aten = torch.ops.aten
@@ -157,7 +158,7 @@ def _linear(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return mod
 
 
-def modularize(gm: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:
+def modularize(gm: fx.GraphModule, example: io.Inputs) -> fx.GraphModule:
     """Replace conv/BN/linear/dropout calls with modules under ``gm.m``, in place; returns ``gm``.
 
     ``example`` is run through the graph once so each BatchNorm gets the class of its input's rank.
@@ -244,9 +245,9 @@ class _Ranks(fx.Interpreter):
         return out
 
 
-def _annotate_ranks(gm: fx.GraphModule, example: torch.Tensor) -> None:
+def _annotate_ranks(gm: fx.GraphModule, example: io.Inputs) -> None:
     with torch.no_grad():
-        _Ranks(gm).run(example)
+        _Ranks(gm).run(*io.args(example))
 
 
 def drop_empty_holders(gm: fx.GraphModule) -> None:
