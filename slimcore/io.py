@@ -12,8 +12,7 @@ batch on dim 0. Single-input code keeps passing plain tensors: every helper acce
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeAlias
 
 import torch
@@ -36,24 +35,6 @@ def pack(xs: Sequence[torch.Tensor]) -> Inputs:
 def call(model: Callable[..., Any], x: Any) -> Any:
     """``model(x)`` or ``model(*x)``: run a model on one batch of :data:`Inputs`."""
     return model(*args(x))
-
-
-@contextlib.contextmanager
-def batch_calls(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Within the block ``model(batch)`` also takes a tuple of inputs, as ``model(*batch)``: for code written
-    for one-input models that calls ``model(batch)`` (``prune.apply``'s calibration) until it calls
-    :func:`call`. The instance's forward is shadowed rather than the model wrapped, because a wrapper
-    would rename every submodule (``inner.m.conv``) and code that looks layers up by name would miss them."""
-    forward = type(model).forward
-
-    def unpacking(*xs: Any) -> Any:
-        return forward(model, *(xs[0] if len(xs) == 1 and isinstance(xs[0], tuple) else xs))
-
-    model.forward = unpacking  # type: ignore[method-assign]
-    try:
-        yield model
-    finally:
-        del model.forward
 
 
 def num_rows(x: Any) -> int:

@@ -93,10 +93,6 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     say("importing", 0.0, {"resumed_from": f"{ck['phase']}:{ck['epoch']}"} if ck else {})
     say("importing", 0.1, {"step": "lifting the model graph"})
     imported = import_model(model_path, spec, workdir)
-    if len(imported.input_shapes) > 1 and spec.prune.target in ("flops", "params"):
-        # prune.plan measures cost on example[:1], a single tensor; remove once it takes io.Inputs
-        raise SlimError(f"prune.target {spec.prune.target!r} is not supported yet for models with several "
-                        f"inputs ({', '.join(imported.input_names)}); use 'channels' or 'threshold'")
     model = imported.module
     say("importing", 0.4, {"step": "reading the data"})
     data = load_dataset(data_path, task=spec.task, input_shape=imported.input_shapes, seed=spec.seed,
@@ -219,8 +215,7 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     val = io.rows(data.x_val, slice(0, 512))
     with torch.no_grad():
         before = io.call(reference, val)
-    with io.batch_calls(model):  # prune.apply calls model(batch); several inputs come as a tuple
-        apply(model, gs, p.remove, calib)
+    apply(model, gs, p.remove, calib)
     model.eval()
     with torch.no_grad():
         after_ = io.call(model, val)

@@ -179,6 +179,12 @@ def fit(model: nn.Module, x: io.Inputs, y: torch.Tensor | None, spec: TrainSpec,
             if progress is not None and time.monotonic() - last_report > 5:
                 last_report = time.monotonic()
                 progress({"epoch": epoch + (step + 1) / steps, "loss": float(running / max(seen, 1)), "lr": lr})
+        if not bool(torch.isfinite(running)):  # one host sync per epoch; never checkpoint a diverged state
+            from .errors import SlimError
+
+            raise SlimError(f"training diverged: the loss became {float(running)} in epoch {epoch + 1} at lr {lr:.3g}; "
+                            "lower sparse_training.lr / finetune.lr (distillation of outputs on a large scale, such "
+                            "as decoded boxes in pixels, needs a smaller one) or method.strength")
         if progress is not None:
             progress({"epoch": epoch + 1.0, "loss": float(running / max(seen, 1)), "lr": lr})
             last_report = time.monotonic()
