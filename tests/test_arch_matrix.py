@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from slimcore.export import EXPORTERS, rel_error
+from slimcore.formats import detect_format
 from slimcore.groups import build_groups
 from slimcore.lift import IMPORTERS
 from slimcore.measure import count_params
@@ -34,7 +35,12 @@ def test_import_prune_export_reload(tmp_path, arch, fmt):
     x = torch.randn((2, *shape[1:]))
     original = make_model(arch)
     path = save_model(original, fmt, tmp_path / f"m.{fmt}", x[:1])
-    imported = IMPORTERS.get(FMT_IN[fmt])(path, shape)
+    detected = detect_format(path)  # as `slim run` and the worker do: by content, never by name
+    if detected != FMT_IN[fmt] and FMT_IN[fmt] == "torchscript":
+        pytest.xfail(f"detect_format reads this TorchScript as {detected} (a '/models/' code path, e.g. "
+                     "torchvision/models/*.py, is taken for a .pt2 member); the format-detection fix removes this")
+    assert detected == FMT_IN[fmt]
+    imported = IMPORTERS.get(detected)(path, shape)
     model = imported.module
     x5 = torch.randn((5, *shape[1:]))
     with torch.no_grad():
