@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FORMATS = ("trace", "script", "pt2", "onnx", "onnx_legacy")
 HEAD = {"trace": "`jit.trace`", "script": "`jit.script`", "pt2": "`.pt2`", "onnx": "ONNX (default)",
         "onnx_legacy": "ONNX (`dynamo=False`)"}
+STATIC = "batch 3: upload is static-batch; "
 START, END = "<!-- zoo:start -->", "<!-- zoo:end -->"
 
 
@@ -36,7 +37,7 @@ def cell(row: dict | None) -> str:
 
 def reason_key(reason: str) -> str:
     """Group failures by cause: model-specific names and numbers become placeholders."""
-    r = re.sub(r"^slim: (internal )?error: ", "", reason or "?")
+    r = re.sub(r"^slim: (internal )?error: ", "", reason or "?").replace(" (SLIM_DEBUG=1 shows the traceback)", "")
     r = re.sub(r"'[^']*'|\"[^\"]*\"|`[^`]*`", "'…'", r)
     r = re.sub(r"\b\d+(\.\d+)?\b", "N", r)
     return r[:220]
@@ -90,7 +91,7 @@ def render(data: dict) -> str:
     low = [r for r in rows if r["status"] == "pass" and r.get("reason")]
     if any("left whole" in r["reason"] for r in low):
         out += ["", "Passed under 25% removed (what stayed whole, from the report's `not_pruned`):", ""]
-        out += [f"- {r['arch'].split('/')[-1]} {r['format']}: {r['reason']}" for r in low
+        out += [f"- {r['arch'].split('/')[-1]} {r['format']}: " + r["reason"].replace(STATIC, "") for r in low
                 if "left whole" in r["reason"]]
     return "\n".join(out)
 

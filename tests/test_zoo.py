@@ -109,7 +109,8 @@ def check_outputs(fmt: str, upload: Path, out: Path, entry: ZooEntry) -> list[st
             continue
         got, why = _try_run(after, x)
         assert got is not None, f"the slimmed file does not run at batch {b}: {why}"
-        assert structure(got) == structure(ref), f"batch {b}: {structure(got)} != {structure(ref)}"
+        assert structure(got) == structure(ref), \
+            f"batch {b}: the slimmed file returns {structure(got)}, the upload {structure(ref)}"
         bad = [k for k, v in flatten(got) if not np.isfinite(v).all()]
         assert not bad, f"batch {b}: non-finite outputs in {bad}"
     return notes

@@ -192,16 +192,15 @@ def load(path: Path, fmt: str) -> Callable[[torch.Tensor], object]:
 
 
 def flatten(out: object, prefix: str = "") -> list[tuple[str, np.ndarray]]:
-    """Outputs (tensor, tuple, list, dict, nested) as (path, array) pairs in a fixed order."""
+    """Outputs (tensor, tuple, list, dict, nested) as (path, array) pairs in a fixed order; a bare tensor's path
+    is ``tensor``, a dict value's ``['key']``, a sequence item's ``[i]``."""
     if isinstance(out, dict):
-        return [p for k in out for p in flatten(out[k], f"{prefix}.{k}")]
+        return [p for k in out for p in flatten(out[k], f"{prefix}[{k!r}]")]
     if isinstance(out, (list, tuple)):
         return [p for i, v in enumerate(out) for p in flatten(v, f"{prefix}[{i}]")]
     if isinstance(out, torch.Tensor):
-        return [(prefix or "out", out.detach().float().numpy())]
-    if isinstance(out, np.ndarray):
-        return [(prefix or "out", out.astype("float32"))]
-    return [(prefix or "out", np.asarray(out, dtype="float32"))]
+        return [(prefix or "tensor", out.detach().float().numpy())]
+    return [(prefix or "tensor", np.asarray(out, dtype="float32"))]
 
 
 def structure(out: object) -> list[tuple[str, tuple[int, ...]]]:
