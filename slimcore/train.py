@@ -60,12 +60,13 @@ FLOOR = 1e-8
 def distill_loss(out: object, ref: object) -> torch.Tensor:
     """Match every output of the teacher: ``Σ_k w_k · MSE_k``.
 
-    ``w_k = (n_k / N) · (P / p_k)``: ``n_k`` is output k's element count (N their sum), ``p_k`` the teacher's
-    mean square of output k on this batch and ``P`` the mean square over all outputs. With one output this is
-    the plain MSE; with several each output's *relative* error counts by its size, whatever its scale, so
-    detection boxes in pixels do not drown class scores in [0, 1]. ``p_k`` is floored at ``FLOOR · P``: an
-    output that is all but silent (a random-weight YOLO's raw feature maps, mean square 1e-19) would
-    otherwise get a weight that blows the gradients up.
+    ``w_k = (n_k / N) / p_k``: ``n_k`` is output k's element count (N their sum), ``p_k`` the teacher's mean
+    square of output k on this batch. With one output this is the plain MSE; with several, each output's
+    *relative* error counts by its size whatever its scale, and the loss itself is scale-free: YOLO's
+    decoded boxes (mean square ≈ 9e3, pixels) made an absolute-scale loss diverge at every learning rate
+    tried down to 1e-4. ``p_k`` is floored at ``FLOOR · P`` (P the mean square over all outputs): an output
+    that is all but silent (a random-weight YOLO's raw feature maps, mean square 1e-19) would otherwise get
+    a weight that blows the gradients up.
     """
     outs, refs = io.leaves(out), io.leaves(ref)
     if len(outs) != len(refs):
@@ -79,7 +80,7 @@ def distill_loss(out: object, ref: object) -> torch.Tensor:
     loss = outs[0].new_zeros((), dtype=torch.float32)
     for o, r, p, n in zip(outs, refs, powers, sizes, strict=True):
         denom = torch.maximum(p, pooled * FLOOR)  # a near-silent output (1e-19) must not get a 1e21 weight
-        scale = torch.where(denom > 1e-12, pooled / denom.clamp_min(1e-12), torch.ones_like(p))
+        scale = torch.where(denom > 1e-12, 1 / denom.clamp_min(1e-12), torch.ones_like(p))
         loss = loss + (n / total) * scale * F.mse_loss(o.float(), r.float())
     return loss
 

@@ -296,3 +296,7 @@ def test_distillation_loss_weights_outputs_by_size_not_scale():
     assert only_big / only_small == pytest.approx(3, rel=1e-4)
     both = float(distill_loss({"scores": out_small, "boxes": ref_big * 1.1}, exact))
     assert both == pytest.approx(only_small + only_big, rel=1e-5)
+    # scale-free: the same relative errors on outputs 1000× larger cost the same (no divergence at default lr)
+    big = {k: 1000 * v for k, v in exact.items()}
+    scaled = float(distill_loss({"scores": 1000 * out_small, "boxes": 1000 * ref_big * 1.1}, big))
+    assert scaled == pytest.approx(both, rel=1e-4)
