@@ -17,6 +17,7 @@ from slimcore.spec import JobSpec
 
 from . import dashboard, system
 from .auth import InsecureBindError, check_bind
+from .counters import read_counters
 from .db import init_db, make_engine, make_session_factory
 from .jobs import endpoints as jobs_endpoints
 from .jobs.repository import JobRepository
@@ -60,7 +61,7 @@ def create_app(settings: Settings | None = None, *, host: str | None = None) -> 
     app = FastAPI(title="slim", version="1", description=DESCRIPTION, lifespan=lifespan, docs_url="/docs")
     app.state.settings = settings
     app.state.jobs = JobService(settings, repo, store, celery)
-    app.state.metrics = Metrics(repo.count_by_status)
+    app.state.metrics = Metrics(repo.count_by_status, lambda: read_counters(repo.sessions))
     install_problem_handlers(app)
     app.include_router(system.router)
     app.include_router(dashboard.router)

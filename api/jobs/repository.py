@@ -141,9 +141,17 @@ class JobRepository:
                              .order_by(Job.created_at, Job.id))
             return list(rows)
 
-    def mark_requeued(self, id: str) -> bool:
-        """Note that a fresh message was sent for the job (see :meth:`stale_jobs`)."""
-        return self._set(id, Job.status.in_((QUEUED, RUNNING)), updated_at=self.clock())
+    def mark_requeued(self, id: str, seen_updated_at: datetime | None = None) -> bool:
+        """Note that a fresh message is being sent for the job (see :meth:`stale_jobs`).
+
+        With ``seen_updated_at`` (the row's ``updated_at`` when it was found stale) it is a
+        compare-and-set: of several reconcilers that found the same job only one wins and sends.
+        For a queued job ``updated_at`` is therefore the time its latest message was sent.
+        """
+        condition = Job.status.in_((QUEUED, RUNNING))
+        if seen_updated_at is not None:
+            condition = and_(condition, Job.updated_at == seen_updated_at)
+        return self._set(id, condition, updated_at=self.clock())
 
     # -- API side ----------------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from slimcore.spec import JobSpec, format_validation_error
 from ..db import utcnow
 from ..problems import ProblemError
 from ..queue import enqueue
+from ..redispatch import Redispatcher
 from ..settings import Settings
 from ..storage import JOB_ID, MODEL_FILES, ArtifactStore
 from ..uploads import FormPlan, ReceivedForm, StoredFile, receive_form
@@ -94,6 +95,7 @@ def parse_statuses(raw: str | None) -> list[str] | None:
 class JobService:
     def __init__(self, settings: Settings, repo: JobRepository, store: ArtifactStore, celery: Celery) -> None:
         self.settings, self.repo, self.store, self.celery = settings, repo, store, celery
+        self._redispatcher = Redispatcher(settings, repo, celery)  # one: it remembers the previous pass
 
     # -- submit ------------------------------------------------------------------------------------
 
@@ -193,13 +195,8 @@ class JobService:
         return job
 
     def requeue_stale(self) -> list[str]:
-        """Send a new message for every job whose message was lost (the filesystem broker never redelivers)."""
-        sent = []
-        for job in self.repo.stale_jobs(self.settings.heartbeat_timeout_s):
-            if self.repo.mark_requeued(job.id):
-                enqueue(job.id, self.celery)
-                sent.append(job.id)
-        return sent
+        """Send a new message for every job whose message or worker was lost (rules: ``api.redispatch``)."""
+        return [job_id for job_id, _ in self._redispatcher.reconcile_once()]
 
     # -- artifacts ---------------------------------------------------------------------------------
 
