@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .shape_limits import size_problem
+
 METHOD_NAMES = ("l1", "group_lasso", "ista", "receding", "polarization")
 
 
@@ -89,6 +91,9 @@ class JobSpec(_Strict):
     def _shape(cls, v: list[int] | None) -> list[int] | None:
         if v is not None and not (2 <= len(v) <= 5):
             raise ValueError("input_shape needs 2 to 5 dimensions, batch first, e.g. [1, 3, 32, 32]")
+        too_big = size_problem(v) if v is not None else None
+        if too_big:
+            raise ValueError(f"input_shape {v} has {too_big}")
         return v
 
 

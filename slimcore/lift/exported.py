@@ -28,6 +28,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from ..errors import ParityError, SlimError, UnsupportedModel
+from ..shape_limits import check_input_shape
 from . import IMPORTERS, Imported
 from .modularize import modularize, mutates, packet
 from .parity import check_parity
@@ -47,7 +48,8 @@ def import_pt2(path: Path, input_shape: tuple[int, ...] | None) -> Imported:
     src = ep.module()
     gm, x_val = _rebuild(src)
     batch = _batch_dim(ep, x_val)
-    shape = _resolve_shape(ep, x_val, input_shape, batch)
+    shape = check_input_shape(_resolve_shape(ep, x_val, input_shape, batch),
+                              "input_shape" if input_shape else "the program's input")
     n = _example_batch(batch, shape[0])
     example = torch.randn((n, *shape[1:]), generator=torch.Generator().manual_seed(0))
     unbake_chunks(gm)

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import ParityError, SlimError, UnsupportedModel
 from ..external_data import load_external_tensors
+from ..shape_limits import check_input_shape
 from . import IMPORTERS, Imported
 from .modularize import modularize
 from .onnx_lift import DTYPES, MAX_OPSET, MIN_OPSET, Lifter, default_opset, lift_graph
@@ -49,7 +50,8 @@ def import_onnx(path: Path, input_shape: tuple[int, ...] | None) -> Imported:
             raise UnsupportedModel(f"graph {'input' if v is inp else 'output'} {v.name!r} is not a float32 tensor")
     dims = _dims(inp)
     dynamic = not isinstance(dims[0], int) or dims[0] <= 0 if dims else False
-    shape = _resolve_shape(dims, input_shape, dynamic)
+    shape = check_input_shape(_resolve_shape(dims, input_shape, dynamic),
+                              "input_shape" if input_shape else "the ONNX model's declared input")
     original = OnnxRuntimeModel(path, inp.name, out.name)
     batch = 2 if dynamic else shape[0]  # batch 1 can hide batch-mixing bugs
     example = torch.randn((batch, *shape[1:]), generator=torch.Generator().manual_seed(0))

@@ -21,6 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import SlimError, UnsupportedModel
+from ..shape_limits import check_input_shape
 from . import IMPORTERS, Imported
 from .modularize import modularize
 from .parity import check_parity
@@ -160,6 +161,7 @@ def import_torchscript(path: Path, input_shape: tuple[int, ...] | None) -> Impor
     shape = tuple(int(d) for d in input_shape)
     if not shape or any(d <= 0 for d in shape):
         raise SlimError(f"input_shape {list(shape)} must be non-empty with positive sizes")
+    check_input_shape(shape, "input_shape")
     try:
         original = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:  # RuntimeError/ValueError/OSError with multi-line C++ text
