@@ -24,6 +24,7 @@ from .jobs.repository import JobRepository
 from .jobs.schemas import Problem
 from .jobs.service import JobService
 from .metrics import LatencyMiddleware, Metrics
+from .openapi import make_truthful
 from .problems import install_problem_handlers
 from .queue import make_celery, prepare_broker
 from .settings import Settings, get_settings
@@ -89,4 +90,4 @@ def _openapi_with_spec(app: FastAPI) -> dict[str, Any]:
         doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(doc.pop("$defs", {}))
         components[model.__name__] = doc
-    return schema
+    return make_truthful(schema, app.state.settings)

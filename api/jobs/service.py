@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Celery
@@ -66,13 +66,21 @@ def request_hash(spec: JobSpec, model_sha256: str, dataset_sha256: str) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+#: ``<created_at in µs since 1970>.<job id>``. Opaque to clients, but every string of this shape is a valid
+#: position (a page, maybe empty), so the OpenAPI pattern is the whole truth: anything else is a 422.
+CURSOR_PATTERN = r"^[0-9]{1,16}\.[0-9a-f]{32}$"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return f"{(job.created_at - _EPOCH) // timedelta(microseconds=1)}.{job.id}"
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
+    if re.fullmatch(CURSOR_PATTERN, cursor):
+        micros, job_id = cursor.split(".")
+        return _EPOCH + timedelta(microseconds=int(micros)), job_id
+    try:  # the base64 form earlier versions returned: a client mid-way through a listing keeps paging
         t, i = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         when = datetime.fromisoformat(t)
         if when.tzinfo is None or not isinstance(i, str):
