@@ -35,7 +35,7 @@ from tests.service_harness import Service, fresh_postgres_db, wait_for  # noqa: 
 from tests.zoo import digits_npz, save_model  # noqa: E402
 
 REDIS = "redis://127.0.0.1:6379/13"
-SPEC = {"input_shape": [1, 1, 8, 8], "sparse_training": {"epochs": 0}, "finetune": {"epochs": 0},
+SPEC = {"input_shape": [1, 1, 8, 8], "sparse_training": {"epochs": 1}, "finetune": {"epochs": 0},
         "prune": {"target": "channels", "amount": 0.25}}
 TASK_LINE = re.compile(r"Task slim\.run_job\[(\w+)\] succeeded in ([\d.]+)s: '(\w+)'")
 METRIC = re.compile(r"^(slim_requeues_total|slim_deliveries_dropped_total)(\{[^}]*\})? ([\d.e+]+)$", re.M)
