@@ -14,12 +14,14 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from . import io
 from .archive import MAX_BYTES_ENV, default_max_bytes, safe_extract
 from .errors import SlimError
 
@@ -35,25 +37,29 @@ _JUNK_DIRS = frozenset({"__MACOSX"})
 class Dataset:
     """Training and evaluation tensors, ready for a model that takes ``x_train.shape[1:]``.
 
+    ``x_*`` is a tensor, or for a model with several inputs a tuple of tensors in input order (npz ``x0``,
+    ``x1``, …; see :mod:`slimcore.io` for slicing and calling either form).
+
     ``y_*`` and ``num_classes`` are None for distillation, where the teacher model supplies the targets.
     ``classes`` maps label index to folder name for ImageFolder archives (None for npz).
     """
 
-    x_train: torch.Tensor
+    x_train: io.Inputs
     y_train: torch.Tensor | None
-    x_val: torch.Tensor
+    x_val: io.Inputs
     y_val: torch.Tensor | None
     num_classes: int | None
     val_source: str
     classes: list[str] | None
 
 
-def load_dataset(path: Path, *, task: str, input_shape: tuple[int, ...] | None, seed: int = 0,
+def load_dataset(path: Path, *, task: str, input_shape: Any, seed: int = 0,
                  workdir: Path | None = None) -> Dataset:
     """Load and validate a data file; raises SlimError so a bad upload fails before any training starts.
 
-    ``input_shape`` is batch-first (as in the job spec); only its per-sample part is compared. Archives are
-    extracted into a fresh folder inside ``workdir`` (a temporary one, removed afterwards, when None).
+    ``input_shape`` is batch-first (as in the job spec), one shape or a tuple of shapes (one per model
+    input); only the per-sample part is compared. Archives are extracted into a fresh folder inside
+    ``workdir`` (a temporary one, removed afterwards, when None).
     """
     if task not in TASKS:
         raise SlimError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
@@ -61,9 +67,13 @@ def load_dataset(path: Path, *, task: str, input_shape: tuple[int, ...] | None, 
     if not path.is_file():
         raise SlimError(f"data file {path.name!r} does not exist or is not a file")
     name = path.name.lower()
-    shape = tuple(int(d) for d in input_shape) if input_shape is not None else None
+    shapes = io.as_shapes(input_shape)
+    shape = shapes[0] if shapes is not None else None
     if name.endswith(".npz"):
-        return _load_npz(path, task, shape, seed)
+        return _load_npz(path, task, shapes, seed)
+    if shapes is not None and len(shapes) > 1:
+        raise SlimError(f"the model takes {len(shapes)} inputs; image archives feed one, so upload an .npz with "
+                        f"arrays {', '.join(f'x{i}' for i in range(len(shapes)))}")
     if name.endswith((".zip", ".tar.gz", ".tgz", ".tar")):
         if workdir is None:
             with tempfile.TemporaryDirectory(prefix="slim-data-") as tmp:
@@ -75,22 +85,39 @@ def load_dataset(path: Path, *, task: str, input_shape: tuple[int, ...] | None, 
                     "(npz with arrays x and y, or an archive of train/<class>/<image>)")
 
 
-def make_loader(x: torch.Tensor, y: torch.Tensor | None, batch_size: int, *, shuffle: bool, seed: int,
+def make_loader(x: io.Inputs, y: torch.Tensor | None, batch_size: int, *, shuffle: bool, seed: int,
                 pin_memory: bool = False) -> DataLoader:
     """Batches for training (``shuffle=True``) or evaluation, reproducible from ``seed``.
 
-    Each batch is a list ``[x, y]`` of tensors, or ``[x]`` when ``y`` is None (distillation), so
-    ``batch[0]`` is always the inputs. Batches are sliced from the tensors in one indexing operation rather
-    than stacked sample by sample (far faster on CPU), which is why ``loader.batch_size`` is None; use
-    ``len(loader)`` for the number of batches.
+    Each batch is a list ``[x, y]``, or ``[x]`` when ``y`` is None (distillation), so ``batch[0]`` is always
+    the inputs: a tensor, or a tuple of tensors when ``x`` is one (several model inputs). Batches are sliced
+    from the tensors in one indexing operation rather than stacked sample by sample (far faster on CPU),
+    which is why ``loader.batch_size`` is None; use ``len(loader)`` for the number of batches.
     With ``shuffle=True`` a trailing batch of a single sample is dropped (each epoch drops a different one),
     because BatchNorm cannot compute batch statistics from one sample and would raise mid-training.
     """
     if batch_size < 1:
         raise SlimError(f"batch_size must be at least 1, got {batch_size}")
-    dataset = TensorDataset(x) if y is None else TensorDataset(x, y)
+    if isinstance(x, torch.Tensor):
+        dataset: Any = TensorDataset(x) if y is None else TensorDataset(x, y)
+    else:
+        dataset = _MultiInput(tuple(x), y)
     sampler = _Batches(len(dataset), batch_size, shuffle=shuffle, seed=seed)
     return DataLoader(dataset, sampler=sampler, batch_size=None, pin_memory=pin_memory)
+
+
+class _MultiInput(torch.utils.data.Dataset):
+    """Like TensorDataset, but the inputs of one row stay together as a tuple: ``[(x0, x1, …), y]``."""
+
+    def __init__(self, xs: tuple[torch.Tensor, ...], y: torch.Tensor | None) -> None:
+        self.xs, self.y = xs, y
+
+    def __getitem__(self, index: Any) -> list[Any]:
+        row: list[Any] = [tuple(t[index] for t in self.xs)]
+        return row if self.y is None else [*row, self.y[index]]
+
+    def __len__(self) -> int:
+        return int(self.xs[0].shape[0])
 
 
 class _Batches(Sampler[list[int]]):
@@ -138,7 +165,7 @@ def _vet_npz(path: Path) -> None:
                                 f"holds {info.file_size}; the file is corrupt, re-save it with numpy.savez")
 
 
-def _load_npz(path: Path, task: str, shape: tuple[int, ...] | None, seed: int) -> Dataset:
+def _load_npz(path: Path, task: str, shapes: tuple[tuple[int, ...], ...] | None, seed: int) -> Dataset:
     try:
         _vet_npz(path)
         with np.load(path, allow_pickle=False) as z:
@@ -150,30 +177,64 @@ def _load_npz(path: Path, task: str, shape: tuple[int, ...] | None, seed: int) -
         raise SlimError(f"could not read {path.name!r} as .npz ({err}); save it with numpy.savez") from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         raise SlimError(f"could not read {path.name!r} as .npz ({err}); save it with numpy.savez") from None
-    if "x" not in arrays:
-        found = ", ".join(sorted(arrays)) or "none"
-        raise SlimError(f"{path.name!r} has no array named 'x' (found: {found}); "
-                        "save inputs as x (and labels as y), e.g. numpy.savez(f, x=x, y=y)")
-    if ("x_val" in arrays) != ("y_val" in arrays) and task == "classification":
-        given, other = ("x_val", "y_val") if "x_val" in arrays else ("y_val", "x_val")
+    keys = _input_keys(path, arrays, len(shapes) if shapes is not None else None)
+    vkeys = [k + "_val" for k in keys]
+    has_val = [k in arrays for k in vkeys]
+    if any(has_val) and not all(has_val):
+        raise SlimError(f"{path.name!r} has {vkeys[has_val.index(True)]} but no {vkeys[has_val.index(False)]}; "
+                        "give every input's validation array or none")
+    if any(has_val) != ("y_val" in arrays) and task == "classification":
+        given, other = (vkeys[0], "y_val") if any(has_val) else ("y_val", vkeys[0])
         raise SlimError(f"{path.name!r} has {given} but no {other}; provide both or neither")
     labelled = task == "classification"
     if labelled and "y" not in arrays:
         raise SlimError(f"{path.name!r} has no labels array 'y', which classification needs; "
                         "add y (integer class per sample) or use task 'distillation'")
 
-    x = _features(arrays["x"], "x")
-    y = _labels(arrays["y"], "y", len(x)) if labelled else None
-    if "x_val" in arrays:
-        x_val = _features(arrays["x_val"], "x_val")
-        if x_val.shape[1:] != x.shape[1:]:
-            raise SlimError(f"x_val samples have shape {tuple(x_val.shape[1:])} but x samples have "
-                            f"{tuple(x.shape[1:])}; they must match")
-        y_val = _labels(arrays["y_val"], "y_val", len(x_val)) if labelled else None
-        _check_shape(x, shape)
-        return _finish(x, y, x_val, y_val, "x_val", None)
-    _check_shape(x, shape)
-    return _split(x, y, seed, None)
+    xs = [_features(arrays[k], k) for k in keys]
+    _same_rows(xs, keys)
+    y = _labels(arrays["y"], "y", len(xs[0]), keys[0]) if labelled else None
+    for i, xi in enumerate(xs):
+        _check_shape(xi, shapes[i] if shapes is not None else None, keys[i] if len(keys) > 1 else "")
+    if all(has_val):
+        x_vals = [_features(arrays[k], k) for k in vkeys]
+        _same_rows(x_vals, vkeys)
+        for k, xv, xi in zip(keys, x_vals, xs, strict=True):
+            if xv.shape[1:] != xi.shape[1:]:
+                raise SlimError(f"{k}_val samples have shape {tuple(xv.shape[1:])} but {k} samples have "
+                                f"{tuple(xi.shape[1:])}; they must match")
+        y_val = _labels(arrays["y_val"], "y_val", len(x_vals[0]), vkeys[0]) if labelled else None
+        return _finish(io.pack(xs), y, io.pack(x_vals), y_val, vkeys[0] if len(keys) == 1 else "x*_val", None)
+    return _split(io.pack(xs), y, seed, None)
+
+
+def _input_keys(path: Path, arrays: dict[str, np.ndarray], n_inputs: int | None) -> list[str]:
+    """The arrays holding the model's inputs: ``x`` for one, ``x0``, ``x1``, … (in input order) for several."""
+    numbered = sorted((int(k[1:]), k) for k in arrays if k[:1] == "x" and k[1:].isdigit())
+    keys = [k for _, k in numbered]
+    found = ", ".join(sorted(arrays)) or "none"
+    if n_inputs is not None and n_inputs > 1:
+        want = [f"x{i}" for i in range(n_inputs)]
+        if keys != want:
+            raise SlimError(f"the model takes {n_inputs} inputs; {path.name!r} needs arrays {', '.join(want)} "
+                            f"(one per input, in input order; found: {found})")
+        return want
+    if "x" in arrays:
+        return ["x"]
+    if keys == ["x0"]:
+        return keys
+    if keys:
+        raise SlimError(f"{path.name!r} holds {len(keys)} input arrays ({', '.join(keys)}) but the model takes one "
+                        "input; save it as x")
+    raise SlimError(f"{path.name!r} has no array named 'x' (found: {found}); "
+                    "save inputs as x (and labels as y), e.g. numpy.savez(f, x=x, y=y)")
+
+
+def _same_rows(xs: list[torch.Tensor], keys: list[str]) -> None:
+    for k, t in zip(keys[1:], xs[1:], strict=True):
+        if len(t) != len(xs[0]):
+            raise SlimError(f"{k!r} has {len(t)} samples but {keys[0]!r} has {len(xs[0])}; every input needs one "
+                            "row per sample")
 
 
 def _features(a: np.ndarray, name: str) -> torch.Tensor:
@@ -193,7 +254,7 @@ def _features(a: np.ndarray, name: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(out))
 
 
-def _labels(a: np.ndarray, name: str, n: int) -> torch.Tensor:
+def _labels(a: np.ndarray, name: str, n: int, xname: str | None = None) -> torch.Tensor:
     if a.ndim == 2 and a.shape[1] == 1:
         a = a[:, 0]
     if a.ndim != 1:
@@ -201,7 +262,7 @@ def _labels(a: np.ndarray, name: str, n: int) -> torch.Tensor:
         raise SlimError(f"labels {name!r} have shape {a.shape}; expected one class index per sample, "
                         f"shape ({n},){hint}")
     if len(a) != n:
-        xname = "x_val" if name == "y_val" else "x"
+        xname = xname or ("x_val" if name == "y_val" else "x")
         raise SlimError(f"{name!r} has {len(a)} labels but {xname!r} has {n} samples; they must match")
     if a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
         a = a.astype(np.int64)  # whole-number floats (e.g. from pandas) are unambiguous class indices
@@ -215,28 +276,29 @@ def _labels(a: np.ndarray, name: str, n: int) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
-def _check_shape(x: torch.Tensor, shape: tuple[int, ...] | None) -> None:
+def _check_shape(x: torch.Tensor, shape: tuple[int, ...] | None, key: str = "") -> None:
     if shape is not None and tuple(x.shape[1:]) != shape[1:]:
-        raise SlimError(f"data samples have shape {tuple(x.shape[1:])} but the model takes {shape[1:]}; "
-                        "reshape the data or fix input_shape")
+        what = f"{key} samples" if key else "data samples"
+        raise SlimError(f"{what} have shape {tuple(x.shape[1:])} but the model takes {shape[1:]}; "
+                        f"reshape the data or fix input_shape{'s' if key else ''}")
 
 
-def _split(x: torch.Tensor, y: torch.Tensor | None, seed: int, classes: list[str] | None) -> Dataset:
+def _split(x: io.Inputs, y: torch.Tensor | None, seed: int, classes: list[str] | None) -> Dataset:
     """Hold out a seeded random 20% so reruns of a job evaluate on the same samples."""
-    n = len(x)
+    n = io.num_rows(x)
     if n < 2:
         raise SlimError(f"the data set has {n} sample; at least 2 are needed to hold one out for evaluation")
     n_val = max(1, int(n * VAL_FRACTION))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val, train = perm[:n_val].sort().values, perm[n_val:].sort().values
-    return _finish(x[train], None if y is None else y[train], x[val], None if y is None else y[val],
+    return _finish(io.rows(x, train), None if y is None else y[train], io.rows(x, val), None if y is None else y[val],
                    f"split:{VAL_FRACTION}", classes)
 
 
-def _finish(x: torch.Tensor, y: torch.Tensor | None, x_val: torch.Tensor, y_val: torch.Tensor | None,
+def _finish(x: io.Inputs, y: torch.Tensor | None, x_val: io.Inputs, y_val: torch.Tensor | None,
             val_source: str, classes: list[str] | None) -> Dataset:
-    if len(x) < 2 and val_source != f"split:{VAL_FRACTION}":
-        raise SlimError(f"the training data has {len(x)} sample; at least 2 are needed")
+    if io.num_rows(x) < 2 and val_source != f"split:{VAL_FRACTION}":
+        raise SlimError(f"the training data has {io.num_rows(x)} sample; at least 2 are needed")
     num_classes = None
     if y is not None and y_val is not None:
         num_classes = len(classes) if classes else int(max(int(y.max()), int(y_val.max()))) + 1

@@ -16,11 +16,12 @@ from typing import Any
 import torch
 
 from . import export as _export  # noqa: F401  (registers exporters)
+from . import io
 from . import lift as _lift  # noqa: F401
 from .checkpoint import CheckpointStore
 from .data import load_dataset
 from .errors import JobCanceled, NothingToPrune, SlimError
-from .export import EXPORTERS, rel_error
+from .export import EXPORTERS
 from .external_data import deliver, open_model, upload_bytes
 from .formats import detect_format
 from .groups import all_bns, build_groups
@@ -59,15 +60,17 @@ def import_model(path: Path, spec: JobSpec, workdir: Path | None = None) -> Impo
     fmt = detect_format(source.path)
     if fmt not in IMPORTERS:
         raise SlimError(f"{fmt} models are not supported yet (supported: {', '.join(IMPORTERS.names())})")
-    shape = tuple(spec.input_shape) if spec.input_shape else None
-    imported = IMPORTERS.get(fmt)(source.path, shape)
+    shapes = spec.shapes()
+    imported = IMPORTERS.get(fmt)(source.path, shapes[0] if shapes and len(shapes) == 1 else shapes)
     imported.meta.update(bundle=source.bundle, model_file=source.path.name)
     return imported
 
 
-def _stage(model: torch.nn.Module, ev: Any, example: torch.Tensor, timed: bool = True) -> dict[str, Any]:
-    return {**ev.as_dict(), "params": count_params(model), "flops": count_flops(model, example[:1].to(
-        next(model.parameters()).device)), "latency_ms": round(cpu_latency_ms(model, example), 4) if timed else None}
+def _stage(model: torch.nn.Module, ev: Any, example: io.Inputs, timed: bool = True) -> dict[str, Any]:
+    dev = next(model.parameters()).device
+    one = io.apply(io.rows(example, slice(0, 1)), lambda t: t.to(dev))
+    return {**ev.as_dict(), "params": count_params(model), "flops": count_flops(model, one),
+            "latency_ms": round(cpu_latency_ms(model, example), 4) if timed else None}
 
 
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -94,20 +97,22 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
         imported = import_model(model_path, spec, workdir)
     model = imported.module
     say("importing", 0.4, {"step": "reading the data"})
-    data = load_dataset(data_path, task=spec.task, input_shape=imported.input_shape, seed=spec.seed,
+    data = load_dataset(data_path, task=spec.task, input_shape=imported.input_shapes, seed=spec.seed,
                         workdir=workdir)
-    example = data.x_train[:2].clone()
-    _check_fit(model, data, spec)
+    example = io.apply(io.rows(data.x_train, slice(0, 2)), torch.clone)
+    _check_fit(model, data, spec, imported)
+    calib = io.batches(io.rows(data.x_train, slice(0, 512)), 128)
     reinserted: list[str] = []
     if imported.fmt == "onnx":
         # Exporters fold BatchNorm into Conv: give those convs a γ again (function unchanged at the start;
         # folded back at export). Before any checkpoint is restored: the saved state includes these BNs.
         from .lift.bn_insert import reinsert_bn
 
-        reinserted = reinsert_bn(model, list(data.x_train[:512].split(128)))
+        reinserted = reinsert_bn(model, calib)
     dev = device_of(device)
     teacher = copy.deepcopy(model).eval() if spec.task == "distillation" else None
     reference = copy.deepcopy(model).eval()
+    names = imported.output_names
     say("importing", 0.8, {"step": "analysing channel coupling"})
     gs = build_groups(model, example, spec.prune.ignore, imported.meta.get("unprunable"))
     say("importing", 1.0, {"step": "channel groups found", "groups": len(gs.groups)})
@@ -129,7 +134,7 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
         rb.stages.update(ck["stages"])
         gamma0 = ck["gamma0"]
     else:
-        ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev)
+        ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev, output_names=names)
         rb.stage("baseline", **_stage(model, ev, example))
 
     def fit_phase(phase: str, train_spec: Any, meth: Any, extra: dict[str, Any],
@@ -178,7 +183,7 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
             pilot["sparsity_reached"] = round(method.sparsity(gs, pilot["sparsity_threshold"]), 4)
         if spec.sparse_training.epochs > 0:
             method.finalize(model)  # plain BatchNorms again, |γ| = importance
-        ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev)
+        ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev, output_names=names)
         rb.stage("sparse", **_stage(model, ev, example))
         sparse_state = _cpu_state(model)
     else:
@@ -209,16 +214,17 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
                              f"or train longer with a stronger penalty")
     for w in p.warnings:
         rb.warn(w)
-    val = data.x_val[:512]
+    val = io.rows(data.x_val, slice(0, 512))
     with torch.no_grad():
-        before = reference(val)
-    apply(model, gs, p.remove, list(data.x_train[:512].split(128)))
+        before = io.call(reference, val)
+    apply(model, gs, p.remove, calib)
     model.eval()
     with torch.no_grad():
-        after_ = model(val)
-    deviation = float((after_ - before).abs().max())
+        after_ = io.call(model, val)
+    deviation = io.max_abs_diff(after_, before)
+    per_output = _per_output(after_, before, names)
     if ck is None or ck["phase"] == "sparse_training":
-        ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev)
+        ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev, output_names=names)
         rb.stage("pruned", **_stage(model, ev, example))
     say("pruning", 1.0, {"removed_channels": p.removed_channels})
 
@@ -226,16 +232,19 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
         model.load_state_dict(ck["model"])
     say("finetuning", 0.0, {})
     fit_phase("finetuning", spec.finetune, None, {"sparse_final": sparse_state})
-    ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev)
+    ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev, output_names=names)
     rb.stage("finetuned", **_stage(model, ev, example))
 
     say("exporting", 0.0, {})
     fmt = imported.fmt if spec.export.format == "same" else spec.export.format
     model.cpu().float().eval()
+    with torch.no_grad():
+        final = _per_output(io.call(model, val), before, names)
     external = fmt == "onnx" and bool(imported.meta.get("onnx_external_data"))
     bundle = imported.meta["bundle"] if fmt == "onnx" and imported.meta["bundle"] else bundle_as if external else None
     written = deliver(lambda dest: EXPORTERS.get(fmt)(model, imported, dest, example), out_path, external=external,
                       bundle=bundle, inner_name=imported.meta["model_file"], workdir=workdir)
+    outputs = [{"name": n, "shape": list(t.shape[1:])} for n, t in io.named_leaves(before, imported.output_names)]
     channels_after = {name: int(bn.num_features) for name, bn in bns}
     odd = [n for n, c in channels_after.items() if c % 8 and n in gamma0 and c != gamma0[n].numel()]
     if fmt == "onnx" and spec.prune.round_to == 1 and odd:
@@ -263,8 +272,12 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
         "format": {"in": imported.fmt, "out": fmt, "external_data": external, "bundle": bundle},
         "target": {"kind": p.target, "requested": p.requested, "achieved": round(p.achieved, 6)},
         "removed_channels": p.removed_channels,
-        "output_deviation_relative": rel_error(after_, before),
-        "data": {"train": int(data.x_train.shape[0]), "val": int(data.x_val.shape[0]),
+        "output_deviation_relative": io.rel_error(after_, before),
+        "output_deviation_per_output": per_output, "output_error_finetuned": final,
+        "inputs": [{"name": n, "shape": list(s[1:])} for n, s in zip(imported.input_names, imported.input_shapes,
+                                                                     strict=True)],
+        "outputs": outputs, "output_structure": io.structure(before),
+        "data": {"train": io.num_rows(data.x_train), "val": io.num_rows(data.x_val),
                  "val_source": data.val_source},
         "device": str(dev), "wall_seconds": round(time.perf_counter() - t_start, 3),
         "resumed_from": f"{ck['phase']}:{ck['epoch']}" if ck else None,
@@ -295,7 +308,8 @@ def _back_to_pilot_if_wrecked(model: torch.nn.Module, data: Any, warm: dict[str,
 
     if warm is None or pilot.get("baseline_accuracy") is None or data.y_val is None:
         return None
-    acc = evaluate(model, data.x_val[:1024], data.y_val[:1024], task="classification", device=dev).accuracy
+    acc = evaluate(model, io.rows(data.x_val, slice(0, 1024)), data.y_val[:1024], task="classification",
+                   device=dev).accuracy
     if acc is None or acc >= pilot["baseline_accuracy"] - DAMAGE:
         return None
     model.load_state_dict(warm["model"])
@@ -325,17 +339,33 @@ def _plateau(method: Any, gs: Any, record: dict[str, Any], pilot: dict[str, Any]
     return check
 
 
-def _check_fit(model: torch.nn.Module, data: Any, spec: JobSpec) -> None:
+def _per_output(got: Any, want: Any, names: Any) -> dict[str, dict[str, float]]:
+    """Per output (by name), how far ``got`` is from ``want`` on the same held-out inputs: the largest
+    absolute change, that relative to the original's largest value, and the squared error relative to
+    the original's power (the distillation error's measure)."""
+    result = {}
+    for (name, a), (_, b) in zip(io.named_leaves(got, names), io.named_leaves(want, names), strict=True):
+        power = float(b.double().pow(2).sum())
+        result[name] = {"max_abs": io.max_abs_diff(a, b), "relative": io.rel_error(a, b),
+                        "relative_squared": float((a.double() - b.double()).pow(2).sum()) / power if power else 0.0}
+    return result
+
+
+def _check_fit(model: torch.nn.Module, data: Any, spec: JobSpec, imported: Imported) -> None:
+    """Run two samples before anything else; classification needs one (batch, classes) output (the only
+    output, or the only 2-d one among several: ``io.classifier_output``) wide enough for the labels."""
     try:
         with torch.no_grad():
-            out = model.eval()(data.x_train[:2])
+            out = io.call(model.eval(), io.rows(data.x_train, slice(0, 2)))
     except Exception as e:
-        raise SlimError(f"the data does not fit the model: running samples of shape "
-                        f"{tuple(data.x_train.shape[1:])} failed ({str(e).splitlines()[0][:200]})") from None
+        shapes = ", ".join(str(tuple(t.shape[1:])) for t in io.args(data.x_train))
+        raise SlimError(f"the data does not fit the model: running samples of shape {shapes} failed "
+                        f"({str(e).splitlines()[0][:200]})") from None
     if spec.task == "classification" and data.y_train is not None:
-        if out.dim() != 2:
-            raise SlimError(f"task 'classification' needs (batch, classes) outputs; the model gives "
-                            f"{tuple(out.shape)}; use task 'distillation'")
+        index, why = io.classifier_output(out, imported.output_names)
+        if index is None:
+            raise SlimError(why)
+        classes = io.leaves(out)[index].shape[1]
         top = int(max(data.y_train.max(), data.y_val.max() if data.y_val is not None else 0))
-        if top >= out.shape[1]:
-            raise SlimError(f"labels go up to {top} but the model outputs {out.shape[1]} classes")
+        if top >= classes:
+            raise SlimError(f"labels go up to {top} but the model outputs {classes} classes")

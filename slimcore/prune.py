@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import io
 from .coupling import prune as _prune
 from .groups import CONV_TYPES, GroupSet
 from .spec import PruneSpec
@@ -150,7 +151,7 @@ def _removed_weight(gs: GroupSet, remove: dict[int, torch.Tensor]) -> float:
 def cost(model: nn.Module, unit: str, example: torch.Tensor) -> float:
     from .measure import count_flops, count_params
 
-    return float(count_params(model) if unit == "params" else count_flops(model, example[:1]))
+    return float(count_params(model) if unit == "params" else count_flops(model, io.rows(example, slice(0, 1))))
 
 
 def _cost_after(model: nn.Module, gs: GroupSet, remove: dict[int, torch.Tensor], unit: str,
@@ -232,7 +233,7 @@ def _input_means(model: nn.Module, mods: set[nn.Module], batches: list[torch.Ten
     model.eval()
     try:
         for b in batches:
-            model(b)
+            io.call(model, b)
     finally:
         for h in handles:
             h.remove()

@@ -5,7 +5,7 @@ given as ``input_shape``). A file can declare anything: ``[1, 1, 2147483648, 214
 torch's storage computation (a 500 in the service) and ``[1, 1, 20000, 20000]`` allocated 1.6 GB before
 onnxruntime gave up. So the shape is checked here first, against an element limit and against
 the per-sample shape of the data when the pipeline could read it without loading the data (an ``.npz``
-array header). Importers call :func:`check_input_shape` on the shape they resolved; the pipeline sets
+array header). Importers call :func:`check_input_shapes` on the shapes they resolved; the pipeline sets
 the data's sample shape around the import with :func:`data_sample_shape`, so importer signatures stay as
 they are.
 """
@@ -51,23 +51,24 @@ def size_problem(shape: list[int] | tuple[int, ...]) -> str | None:
     return None
 
 
-def check_input_shape(shape: tuple[int, ...], source: str) -> tuple[int, ...]:
-    """Raise SlimError unless ``shape`` (batch first; ``source`` says where it came from) is within the
-    limit and agrees with the data's sample shape when known; returns ``shape`` for chaining."""
-    too_big = size_problem(shape)
-    if too_big:
-        raise SlimError(f"{source} {list(shape)} has {too_big}; give a smaller input_shape if the model "
-                        "accepts one", kind="input-too-large")
+def check_input_shapes(shapes: tuple[tuple[int, ...], ...], source: str) -> tuple[tuple[int, ...], ...]:
+    """Raise SlimError unless every batch-first shape (``source`` says where they came from) is within the
+    limit, and a single input agrees with the data's sample shape when known; returns ``shapes``."""
+    for shape in shapes:
+        too_big = size_problem(shape)
+        if too_big:
+            raise SlimError(f"{source} {list(shape)} has {too_big}; give a smaller input_shape if the model "
+                            "accepts one", kind="input-too-large")
     data = _data_shape.get()
-    if data is not None and tuple(shape[1:]) != data:
-        raise SlimError(f"data samples have shape {data} but the model takes {tuple(shape[1:])} ({source} "
-                        f"{list(shape)}); reshape the data or fix input_shape")
-    return shape
+    if data is not None and len(shapes) == 1 and tuple(shapes[0][1:]) != data:
+        raise SlimError(f"data samples have shape {data} but the model takes {tuple(shapes[0][1:])} ({source} "
+                        f"{list(shapes[0])}); reshape the data or fix input_shape")
+    return shapes
 
 
 @contextlib.contextmanager
 def data_sample_shape(shape: tuple[int, ...] | None) -> Iterator[None]:
-    """Within this block, :func:`check_input_shape` also compares with the data's sample shape."""
+    """Within this block, :func:`check_input_shapes` also compares with the data's sample shape."""
     token = _data_shape.set(shape)
     try:
         yield

@@ -96,7 +96,14 @@ class JobSpec(_Strict):
         description="e.g. [1, 3, 32, 32]; required for TorchScript; batch is never pinned. A shape above "
                     "SLIM_MAX_INPUT_ELEMENTS elements fails the job (422) before anything is allocated",
     )
-    task: Literal["classification", "distillation"] = "classification"
+    input_shapes: list[list[Annotated[int, Field(ge=1, le=65_536)]]] | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="one shape per model input, in forward order, for models with several inputs "
+                    "(e.g. [[1, 3, 32, 32], [1, 1, 32, 32]]); instead of input_shape")
+    task: Literal["classification", "distillation"] = Field(
+        "classification", description="classification: labels and cross-entropy on the model's one (batch, "
+                                      "classes) output; distillation: no labels, every output matches the "
+                                      "original model's")
     method: MethodSpec = Field(default_factory=MethodSpec)
     sparse_training: TrainSpec = Field(default_factory=TrainSpec)
     prune: PruneSpec = Field(default_factory=PruneSpec)
@@ -110,6 +117,28 @@ class JobSpec(_Strict):
         if v is not None and not (2 <= len(v) <= 5):
             raise ValueError("input_shape needs 2 to 5 dimensions, batch first, e.g. [1, 3, 32, 32]")
         return v
+
+    @field_validator("input_shapes")
+    @classmethod
+    def _shapes(cls, v: list[list[int]] | None) -> list[list[int]] | None:
+        for i, s in enumerate(v or []):
+            if not (2 <= len(s) <= 5):
+                raise ValueError(f"input_shapes[{i}] needs 2 to 5 dimensions, batch first, e.g. [1, 3, 32, 32]")
+        if v and len({s[0] for s in v}) > 1:
+            raise ValueError("input_shapes must share the batch size (dim 0)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_of(self) -> JobSpec:
+        if self.input_shape is not None and self.input_shapes is not None:
+            raise ValueError("give input_shape (one input) or input_shapes (several), not both")
+        return self
+
+    def shapes(self) -> tuple[tuple[int, ...], ...] | None:
+        """Every input's shape, in forward order (one for ``input_shape``), or None when the spec has none."""
+        if self.input_shapes is not None:
+            return tuple(tuple(s) for s in self.input_shapes)
+        return (tuple(self.input_shape),) if self.input_shape is not None else None
 
 
 def format_validation_error(err: ValidationError) -> str:

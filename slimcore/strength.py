@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from . import io
 from .errors import JobCanceled
 from .groups import all_bns, build_groups
 from .methods import METHODS, MethodContext, pilot_strength
@@ -51,7 +52,7 @@ DAMAGE = 0.1
 TOL = 0.05  # the pilot's "close enough" to the wanted fraction; the real run stops at wanted − TOL
 
 
-def wanted_fraction(model: torch.nn.Module, gs: Any, spec: JobSpec, example: torch.Tensor) -> float | None:
+def wanted_fraction(model: torch.nn.Module, gs: Any, spec: JobSpec, example: io.Inputs) -> float | None:
     """Share of prunable channels the prune target removes; None when the target is not a fraction."""
     target = spec.prune.target
     if target == "channels":
@@ -84,7 +85,7 @@ def schedule_range(method: str, median_gamma: float, lr: float, momentum: float,
     return base * 10 ** -_DECADES_BELOW, min(base * 10 ** _DECADES_ABOVE, 10.0)
 
 
-def choose_strength(model: torch.nn.Module, spec: JobSpec, data: Any, example: torch.Tensor, gs: Any,
+def choose_strength(model: torch.nn.Module, spec: JobSpec, data: Any, example: io.Inputs, gs: Any,
                     unprunable: dict[str, str] | None, *, device: torch.device, teacher: torch.nn.Module | None,
                     should_stop: Callable[[], bool] | None,
                     say: Callable[[str, float, dict[str, Any]], None]
@@ -112,9 +113,9 @@ def choose_strength(model: torch.nn.Module, spec: JobSpec, data: Any, example: t
     train = spec.sparse_training
     gammas = torch.cat([bn.weight.detach().abs().float().flatten() for _, bn in all_bns(model)
                         if bn.weight is not None])
-    steps = pilot_epochs * max(1, math.ceil(len(data.x_train) / train.batch_size))
+    steps = pilot_epochs * max(1, math.ceil(io.num_rows(data.x_train) / train.batch_size))
     bounds = schedule_range(spec.method.name, float(gammas.median()), train.lr, train.momentum, steps)
-    val_x, val_y = data.x_val[:1024], data.y_val[:1024] if data.y_val is not None else None
+    val_x, val_y = io.rows(data.x_val, slice(0, 1024)), data.y_val[:1024] if data.y_val is not None else None
     guard = spec.task == "classification" and val_y is not None
     base_acc = evaluate(model, val_x, val_y, task=spec.task, device=device).accuracy if guard else None
     tries: list[dict[str, Any]] = []

@@ -1,9 +1,11 @@
 """Training loops for sparse training and fine-tuning.
 
 SGD with momentum and a cosine or step schedule (stepped per iteration so short jobs still anneal).
-``classification`` uses cross-entropy against labels; ``distillation`` needs no labels and matches the
-original model's outputs (MSE on logits). On CUDA: bf16 autocast (no loss scaling needed, so the
-sparsity penalty is applied to true gradients), channels_last for 4-d inputs, pinned-memory loaders.
+``classification`` uses cross-entropy against labels on the model's one ``(batch, classes)`` output;
+``distillation`` needs no labels and matches every output of the original model (:func:`distill_loss`).
+Inputs and outputs go through :mod:`slimcore.io`, so several inputs and tuple/list/dict outputs train alike.
+On CUDA: bf16 autocast (no loss scaling needed, so the sparsity penalty is applied to true gradients),
+channels_last for 4-d inputs, pinned-memory loaders.
 The method hooks run after backward and after the optimizer step, never inside autograd.
 """
 
@@ -11,14 +13,16 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import io
 from .data import make_loader
+from .errors import SlimError
 from .methods import Method
 from .spec import TrainSpec
 
@@ -30,9 +34,54 @@ class Evaluation:
     loss: float
     accuracy: float | None  # classification
     distill_error: float | None  # distillation: mean squared output error relative to the teacher's
+    # distillation: that error per output (``io.names`` or the format's output names), same weighting
+    per_output: dict[str, float] = field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, float | None]:
-        return {"loss": self.loss, "accuracy": self.accuracy, "distillation_error": self.distill_error}
+    def as_dict(self) -> dict[str, float | None | dict[str, float]]:
+        d: dict[str, float | None | dict[str, float]] = {
+            "loss": self.loss, "accuracy": self.accuracy, "distillation_error": self.distill_error}
+        if self.per_output:
+            d["distillation_error_per_output"] = self.per_output
+        return d
+
+
+def logits(out: object) -> torch.Tensor:
+    """The ``(batch, classes)`` output classification trains on: the only output, or the only 2-d one among
+    several (``io.classifier_output``); anything else is a SlimError naming the outputs."""
+    index, why = io.classifier_output(out)
+    if index is None:
+        raise SlimError(why)
+    return io.leaves(out)[index]
+
+
+FLOOR = 1e-8
+
+
+def distill_loss(out: object, ref: object) -> torch.Tensor:
+    """Match every output of the teacher: ``Σ_k w_k · MSE_k``.
+
+    ``w_k = (n_k / N) · (P / p_k)``: ``n_k`` is output k's element count (N their sum), ``p_k`` the teacher's
+    mean square of output k on this batch and ``P`` the mean square over all outputs. With one output this is
+    the plain MSE; with several each output's *relative* error counts by its size, whatever its scale, so
+    detection boxes in pixels do not drown class scores in [0, 1]. ``p_k`` is floored at ``FLOOR · P``: an
+    output that is all but silent (a random-weight YOLO's raw feature maps, mean square 1e-19) would
+    otherwise get a weight that blows the gradients up.
+    """
+    outs, refs = io.leaves(out), io.leaves(ref)
+    if len(outs) != len(refs):
+        raise SlimError(f"the model gives {len(outs)} outputs but the original {len(refs)}")
+    if len(outs) == 1:
+        return F.mse_loss(outs[0].float(), refs[0].float())
+    sizes = [r.numel() for r in refs]
+    total = float(sum(sizes))
+    powers = [r.detach().float().pow(2).mean() for r in refs]
+    pooled = sum(p * (n / total) for p, n in zip(powers, sizes, strict=True))
+    loss = outs[0].new_zeros((), dtype=torch.float32)
+    for o, r, p, n in zip(outs, refs, powers, sizes, strict=True):
+        denom = torch.maximum(p, pooled * FLOOR)  # a near-silent output (1e-19) must not get a 1e21 weight
+        scale = torch.where(denom > 1e-12, pooled / denom.clamp_min(1e-12), torch.ones_like(p))
+        loss = loss + (n / total) * scale * F.mse_loss(o.float(), r.float())
+    return loss
 
 
 def device_of(prefer: str | None = None) -> torch.device:
@@ -48,11 +97,18 @@ def _prep(model: nn.Module, device: torch.device, x_rank: int) -> nn.Module:
     return model
 
 
-def _batch_to(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x = x.to(device, non_blocking=True)
-    if device.type == "cuda" and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
+def _batch_to(x: io.Inputs, device: torch.device) -> io.Inputs:
+    def one(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device, non_blocking=True)
+        if device.type == "cuda" and t.dim() == 4:
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
+
+    return io.apply(x, one)
+
+
+def _rank(x: io.Inputs) -> int:
+    return io.args(x)[0].dim()
 
 
 def _lr_at(spec: TrainSpec, it: int, total: int) -> float:
@@ -64,7 +120,7 @@ def _lr_at(spec: TrainSpec, it: int, total: int) -> float:
     return spec.lr * (0.1 ** (int(frac >= 0.5) + int(frac >= 0.75)))  # network slimming's ÷10 at 50%, 75%
 
 
-def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, spec: TrainSpec, *, task: str,
+def fit(model: nn.Module, x: io.Inputs, y: torch.Tensor | None, spec: TrainSpec, *, task: str,
         teacher: nn.Module | None = None, method: Method | None = None, device: torch.device | None = None,
         seed: int = 0, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
         start_epoch: int = 0, opt_state: dict | None = None,
@@ -78,9 +134,9 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, spec: TrainSp
     if spec.epochs == 0 or start_epoch >= spec.epochs:
         return True
     device = device or device_of()
-    _prep(model, device, x.dim())
+    _prep(model, device, _rank(x))
     if teacher is not None:
-        _prep(teacher, device, x.dim()).eval()
+        _prep(teacher, device, _rank(x)).eval()
     loader = make_loader(x, y if task == "classification" else None, spec.batch_size, shuffle=True,
                          seed=seed, pin_memory=device.type == "cuda")
     steps = max(1, len(loader))
@@ -104,13 +160,13 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, spec: TrainSp
                 gr["lr"] = lr
             xb = _batch_to(batch[0], device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                out = model(xb)
+                out = io.call(model, xb)
                 if task == "classification":
-                    loss = F.cross_entropy(out.float(), batch[1].to(device, non_blocking=True))
+                    loss = F.cross_entropy(logits(out).float(), batch[1].to(device, non_blocking=True))
                 else:
                     with torch.no_grad():
-                        ref = teacher(xb)  # type: ignore[misc]
-                    loss = F.mse_loss(out.float(), ref.float())
+                        ref = io.call(teacher, xb)
+                    loss = distill_loss(out, ref)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if method is not None:
@@ -118,11 +174,17 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, spec: TrainSp
             opt.step()
             if method is not None:
                 method.after_step(lr)
-            running += loss.detach() * xb.shape[0]
-            seen += xb.shape[0]
+            running += loss.detach() * io.num_rows(xb)
+            seen += io.num_rows(xb)
             if progress is not None and time.monotonic() - last_report > 5:
                 last_report = time.monotonic()
                 progress({"epoch": epoch + (step + 1) / steps, "loss": float(running / max(seen, 1)), "lr": lr})
+        if not bool(torch.isfinite(running)):  # one host sync per epoch; never checkpoint a diverged state
+            from .errors import SlimError
+
+            raise SlimError(f"training diverged: the loss became {float(running)} in epoch {epoch + 1} at lr {lr:.3g}; "
+                            "lower sparse_training.lr / finetune.lr (distillation of outputs on a large scale, such "
+                            "as decoded boxes in pixels, needs a smaller one) or method.strength")
         if progress is not None:
             progress({"epoch": epoch + 1.0, "loss": float(running / max(seen, 1)), "lr": lr})
             last_report = time.monotonic()
@@ -134,32 +196,48 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, spec: TrainSp
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, *, task: str,
+def evaluate(model: nn.Module, x: io.Inputs, y: torch.Tensor | None, *, task: str,
              teacher: nn.Module | None = None, device: torch.device | None = None,
-             batch_size: int = 256) -> Evaluation:
+             batch_size: int = 256, output_names: Sequence[str] | None = None) -> Evaluation:
+    """Accuracy (classification) and, given a teacher, the distillation error: per output k the squared
+    error relative to the teacher's output power, ``e_k = Σ(out−ref)² / Σref²``, and overall their mean
+    weighted by element count (``Σ_k (n_k/N)·e_k``, the weighting :func:`distill_loss` trains with)."""
     device = device or device_of()
     was = model.training
-    _prep(model, device, x.dim()).eval()
+    _prep(model, device, _rank(x)).eval()
     if teacher is not None:
-        _prep(teacher, device, x.dim()).eval()
-    loss_sum, correct, n, err, ref_pow = 0.0, 0, 0, 0.0, 0.0
+        _prep(teacher, device, _rank(x)).eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    err: list[float] = []
+    ref_pow: list[float] = []
+    sizes: list[int] = []
+    names: list[str] = []
     amp = device.type == "cuda"
-    for i in range(0, x.shape[0], batch_size):
-        xb = _batch_to(x[i:i + batch_size], device)
+    for xb in io.batches(x, batch_size):
+        i = n
+        xb = _batch_to(xb, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(xb).float()
+            out = io.apply(io.call(model, xb), lambda t: t.float())
         if task == "classification" and y is not None:
             yb = y[i:i + batch_size].to(device)
-            loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
-            correct += int((out.argmax(1) == yb).sum())
+            scores = logits(out)
+            loss_sum += float(F.cross_entropy(scores, yb, reduction="sum"))
+            correct += int((scores.argmax(1) == yb).sum())
         if teacher is not None:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                ref = teacher(xb).float()
-            err += float(((out - ref) ** 2).sum())
-            ref_pow += float((ref**2).sum())
-        n += xb.shape[0]
+                ref = io.apply(io.call(teacher, xb), lambda t: t.float())
+            named = io.named_leaves(ref, output_names)
+            if not names:
+                names, err, ref_pow, sizes = [k for k, _ in named], [0.0] * len(named), [0.0] * len(named), \
+                    [t[0].numel() for _, t in named]
+            for k, (o, (_, r)) in enumerate(zip(io.leaves(out), named, strict=True)):
+                err[k] += float(((o - r) ** 2).sum())
+                ref_pow[k] += float((r**2).sum())
+        n += io.num_rows(xb)
     model.train(was)
+    per = {k: (e / p if p else 0.0) for k, e, p in zip(names, err, ref_pow, strict=True)}
+    rel = sum(per[k] * s for k, s in zip(names, sizes, strict=True)) / sum(sizes) if sizes else 0.0
     if task == "classification" and y is not None:
-        return Evaluation(loss_sum / n, correct / n, err / ref_pow if teacher is not None and ref_pow else None)
-    rel = err / ref_pow if ref_pow else 0.0
-    return Evaluation(rel, None, rel)
+        return Evaluation(loss_sum / n, correct / n, rel if teacher is not None and any(ref_pow) else None,
+                          per if teacher is not None else {})
+    return Evaluation(rel, None, rel, per)

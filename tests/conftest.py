@@ -38,3 +38,13 @@ def run_slim(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
 def write_spec(path: Path, **fields: object) -> Path:
     path.write_text(json.dumps(fields))
     return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The full zoo matrix (marker ``zoo``, hours on 2 cores) runs only when a ``-m`` expression names it."""
+    if "zoo" in (config.option.markexpr or ""):
+        return
+    keep = [it for it in items if it.get_closest_marker("zoo") is None]
+    if len(keep) != len(items):
+        config.hook.pytest_deselected(items=[it for it in items if it.get_closest_marker("zoo") is not None])
+        items[:] = keep

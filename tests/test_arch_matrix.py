@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from slimcore.export import EXPORTERS, rel_error
+from slimcore.formats import detect_format
 from slimcore.groups import build_groups
 from slimcore.lift import IMPORTERS
 from slimcore.measure import count_params
@@ -34,7 +35,13 @@ def test_import_prune_export_reload(tmp_path, arch, fmt):
     x = torch.randn((2, *shape[1:]))
     original = make_model(arch)
     path = save_model(original, fmt, tmp_path / f"m.{fmt}", x[:1])
-    imported = IMPORTERS.get(FMT_IN[fmt])(path, shape)
+    detected = detect_format(path)  # as `slim run` and the worker do: by content, never by name
+    # Known today: TorchScript whose code paths hold '/models/' (torchvision/models/*.py) is taken for a .pt2.
+    # The rest of the case still runs on the right importer (its assertions keep guarding); the case then ends
+    # as xfail naming the misdetection, and passes once the format-detection fix lands.
+    misread = detected != FMT_IN[fmt] and FMT_IN[fmt] == "torchscript"
+    assert misread or detected == FMT_IN[fmt]
+    imported = IMPORTERS.get(FMT_IN[fmt] if misread else detected)(path, shape)
     model = imported.module
     x5 = torch.randn((5, *shape[1:]))
     with torch.no_grad():
@@ -58,3 +65,6 @@ def test_import_prune_export_reload(tmp_path, arch, fmt):
         reloaded = torch.jit.load(str(out)) if imported.fmt == "torchscript" else torch.export.load(str(out)).module()
     with torch.no_grad():
         assert rel_error(reloaded(x5), model(x5)) <= 1e-4
+    if misread:
+        pytest.xfail(f"detect_format reads this TorchScript as {detected} (a '/models/' code path, e.g. "
+                     "torchvision/models/*.py, taken for a .pt2 member); the format-detection fix removes this")

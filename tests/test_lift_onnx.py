@@ -346,9 +346,13 @@ def test_bad_files_are_one_line_errors(tmp_path: Path) -> None:
         import_onnx(_save(erf, tmp_path / "erf.onnx"), None)
 
     two = _model([helper.make_node("Add", ["x", "z"], ["y"])], [], ["N", 4], ["N", 4])
-    two.graph.input.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 4]))
-    with pytest.raises(UnsupportedModel, match="2 inputs"):
+    two.graph.input.append(helper.make_tensor_value_info("z", TensorProto.INT64, ["N", 4]))
+    with pytest.raises(UnsupportedModel, match="graph input 'z' is not a float32 tensor"):
         import_onnx(_save(two, tmp_path / "two.onnx"), None)
+    two.graph.input[-1].type.tensor_type.elem_type = TensorProto.FLOAT  # several float inputs are supported
+    imp = import_onnx(_save(two, tmp_path / "two.onnx"), None)
+    x, z = torch.randn(3, 4), torch.randn(3, 4)
+    assert imp.input_names == ("x", "z") and torch.allclose(imp.module(x, z), x + z)
 
     old = _model([helper.make_node("Relu", ["x"], ["y"])], [], ["N", 4], ["N", 4], opset=9)
     with pytest.raises(UnsupportedModel, match="opset 9"):

@@ -21,6 +21,7 @@ from .core import RULES, ChanMap, Context, Record, components, op_name
 _NAMED = {"cat": "cat", "concat": "cat", "concatenate": "cat", "stack": "stack", "split": "split",
           "split_with_sizes": "split", "chunk": "split", "unsafe_split": "split", "unsafe_split_with_sizes": "split",
           "unbind": "split", "getitem": "getitem", "slice": "slice", "narrow": "narrow", "select": "select",
+          "index": "index", "index_select": "index",
           "flatten": "flatten", "module:flatten": "flatten", "permute": "permute", "transpose": "permute",
           "swapaxes": "permute", "t": "permute", "unsqueeze": "unsqueeze", "squeeze": "squeeze",
           "softmax": "softmax", "_softmax": "softmax", "log_softmax": "softmax", "_log_softmax": "softmax",

@@ -247,6 +247,27 @@ def select(cx: Context, node: fx.Node) -> None:
             _set(cx, node, m.moved(m.dim - (1 if dim < m.dim else 0)))
 
 
+@RULES.register("index")
+def index(cx: Context, node: fx.Node) -> None:
+    """``x[i0, i1]`` with index tensors on leading dims (ONNX GatherND, the dynamo exporter's adaptive
+    pooling): channels after the indexed dims keep their place counted from the end."""
+    m, si, so = cx.map_of(node.args[0]), _shape(cx, node.args[0]), _shape(cx, node)
+    if not isinstance(m, ChanMap) or si is None or so is None:
+        return
+    idx = node.args[1] if len(node.args) > 1 else []
+    if node.target is not None and op_of(node).startswith("index_select"):
+        dim = node.args[1] % len(si)
+        if dim != m.dim:
+            _set(cx, node, m)
+            return
+    elif isinstance(idx, (list, tuple)) and all(i is not None for i in idx) and m.dim >= len(idx):
+        nd = len(so) - (len(si) - m.dim)
+        if 0 <= nd < len(so) and so[nd] == si[m.dim]:
+            _set(cx, node, m.moved(nd))
+            return
+    cx.pin(m, f"{node.name} indexes the channels")
+
+
 @RULES.register("flatten")
 def flatten(cx: Context, node: fx.Node) -> None:
     src = node.args[0]

@@ -1,11 +1,14 @@
 """ONNX out: a drop-in replacement for the uploaded file, proved by onnxruntime before it is handed back.
 
-Drop-in is what serving code sees: the same input/output names and dtypes, opset and IR version, the
-same symbolic dims (``dim_param`` names kept, fixed dims fixed) and the upload's ``metadata_props``, as
-the ONNX importer recorded them in ``imported.meta`` (``onnx_opset``, ``onnx_ir_version``,
-``onnx_inputs``, ``onnx_outputs``, ``onnx_metadata``, ``onnx_producer``, ``bn_in_file``). Without them (a
+Drop-in is what serving code sees: the same input/output names (all of them, in the upload's order) and
+dtypes, opset and IR version, the same symbolic dims (``dim_param`` names kept, fixed dims fixed) and the
+upload's ``metadata_props``, as the ONNX importer recorded them in ``imported.meta`` (``onnx_opset``,
+``onnx_ir_version``, ``onnx_inputs``, ``onnx_outputs``, ``onnx_metadata``, ``onnx_producer``,
+``bn_in_file``). Without them (a
 model uploaded in another format) the file gets opset 18, the lifted input's name, a symbolic batch, and
-keeps the model's BNs.
+keeps the model's BNs. Several inputs or a tuple/list/dict output (another format's upload) become graph
+inputs/outputs in forward/flattening order (``slimcore.io.leaves``), named after the upload's arguments and
+output paths (``out``, ``aux``; ``output_0``, ``output_1_0`` for tuple positions; ``output`` for one).
 
 Routes, measured on the ``tests/zoo.py`` torchvision models at 64×64 with torch 2.13:
 1. the TorchScript exporter on ``torch.jit.script`` of the lifted graph: every opset 7–20 natively,
@@ -54,6 +57,7 @@ import torch.fx as fx
 from onnx import TensorProto, helper
 from torch import nn
 
+from .. import io as slim_io
 from ..errors import ParityError
 from ..external_data import data_file, save_onnx
 from ..lift import Imported
@@ -72,21 +76,22 @@ class Target:
     """What the written file must look like, from the importer's record of the upload."""
 
     opset: int
-    inp: dict[str, Any]  # {"name", "elem_type", "dims": [int | str]}: str is a dim_param, "" an unnamed dim
-    out: dict[str, Any]
+    # one per graph input/output, in order: {"name", "elem_type", "dims": [int | str]}; a str dim is a
+    # dim_param, "" an unnamed dim
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
     ir_version: int | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     keep_bn: bool = True
 
 
 @EXPORTERS.register("onnx")
-def export_onnx(module: nn.Module, imported: Imported, out: Path, example: torch.Tensor) -> None:
+def export_onnx(module: nn.Module, imported: Imported, out: Path, example: slim_io.Inputs) -> None:
     module = module.cpu().float().eval()
-    example = example.cpu()
-    example = example.float() if example.is_floating_point() else example
+    example = slim_io.apply(example, lambda t: t.cpu().float() if t.is_floating_point() else t.cpu())
     target = target_of(imported, module, example)
     prepared = _prepare(module, imported)
-    b0 = target.inp["dims"][0]  # batch 2 and 5 when symbolic: a file that baked the batch passes only one
+    b0 = target.inputs[0]["dims"][0]  # batch 2 and 5 when symbolic: a file that baked the batch passes only one
     checks = [_at_batch(example, b0)] if isinstance(b0, int) else [_at_batch(example, 2), _at_batch(example, 5)]
     external = bool(imported.meta.get("onnx_external_data"))  # the upload kept its weights in a data file
     failures: list[str] = []
@@ -108,28 +113,44 @@ def export_onnx(module: nn.Module, imported: Imported, out: Path, example: torch
     raise ParityError("could not write an ONNX model equivalent to the pruned one (" + "; ".join(failures) + ")")
 
 
-def target_of(imported: Imported, module: nn.Module, example: torch.Tensor) -> Target:
+def target_of(imported: Imported, module: nn.Module, example: slim_io.Inputs) -> Target:
     """The upload's interface from ``imported.meta``, or a plain float32/batch-symbolic one without it."""
     meta = imported.meta
     ins, outs = meta.get("onnx_inputs"), meta.get("onnx_outputs")
-    if ins is not None and len(ins) != 1 or outs is not None and len(outs) != 1:
+    xs = slim_io.args(example)
+    with torch.no_grad():
+        ys = slim_io.leaves(slim_io.call(module, example))
+    if ins is not None and len(ins) != len(xs) or outs is not None and len(outs) != len(ys):
         raise ParityError(f"the upload has {len(ins or [])} inputs and {len(outs or [])} outputs; the lifted "
-                          "model has one of each")
-    batch: int | str = "batch" if imported.dynamic_batch else int(example.shape[0])
+                          f"model has {len(xs)} and {len(ys)}")
+    batch: int | str = "batch" if imported.dynamic_batch else int(xs[0].shape[0])
     if ins is None:
-        ins = [{"name": imported.input_name, "elem_type": TensorProto.FLOAT, "dims": None}]
-    if not ins[0].get("dims"):  # an upload without shapes: declare what the model takes
-        ins = [{**ins[0], "dims": [batch, *(int(d) for d in example.shape[1:])]}]
+        names = list(imported.input_names) if len(imported.input_names) == len(xs) else [f"input{i}" for i in
+                                                                                       range(len(xs))]
+        ins = [{"name": n, "elem_type": TensorProto.FLOAT, "dims": None} for n in names]
+    # an upload without shapes: declare what the model takes
+    ins = [v if v.get("dims") else {**v, "dims": [batch, *(int(d) for d in x.shape[1:])]} for v, x in
+           zip(ins, xs, strict=True)]
     if outs is None:
         with torch.no_grad():
-            y = module(example)
-        outs = [{"name": "output", "elem_type": TensorProto.FLOAT, "dims": [batch, *(int(d) for d in y.shape[1:])]}]
+            names = [n for n, _ in slim_io.named_leaves(slim_io.call(module, example), imported.output_names)]
+        outs = [{"name": _onnx_name(n, len(ys)), "elem_type": TensorProto.FLOAT,
+                 "dims": [batch, *(int(d) for d in y.shape[1:])]} for n, y in zip(names, ys, strict=True)]
     md = {str(k): str(v) for k, v in (meta.get("onnx_metadata") or {}).items()}
     producer = meta.get("onnx_producer")
     if producer and any(producer):
         md.setdefault("slim.source_producer", " ".join(str(p) for p in producer if p))
-    return Target(opset=int(meta.get("onnx_opset") or DYNAMO_MIN_OPSET), inp=dict(ins[0]), out=dict(outs[0]),
-                  ir_version=meta.get("onnx_ir_version"), metadata=md, keep_bn=bool(meta.get("bn_in_file", True)))
+    return Target(opset=int(meta.get("onnx_opset") or DYNAMO_MIN_OPSET), inputs=[dict(v) for v in ins],
+                  outputs=[dict(v) for v in outs], ir_version=meta.get("onnx_ir_version"), metadata=md,
+                  keep_bn=bool(meta.get("bn_in_file", True)))
+
+
+def _onnx_name(path: str, n: int) -> str:
+    """An output path (``slimcore.io.names``) as an ONNX value name: ``out``, ``output_1_0``, ``output``."""
+    if n == 1:
+        return "output"
+    flat = path.replace(".", "_")
+    return f"output_{flat}" if flat[:1].isdigit() else flat
 
 
 def _prepare(module: nn.Module, imported: Imported) -> nn.Module:
@@ -157,29 +178,39 @@ def _sizes_as_size(module: nn.Module) -> nn.Module:
     return gm
 
 
-def _export_torchscript(module: nn.Module, x: torch.Tensor, t: Target) -> onnx.ModelProto:
-    axes = {"input": _symbolic_axes(t.inp), "output": _symbolic_axes(t.out)}
+def _edge_names(t: Target) -> tuple[list[str], list[str]]:
+    """Placeholder names for the exporters (``_conform`` gives the upload's names afterwards)."""
+    return [f"input{i}" for i in range(len(t.inputs))], [f"output{i}" for i in range(len(t.outputs))]
+
+
+def _export_torchscript(module: nn.Module, x: slim_io.Inputs, t: Target) -> onnx.ModelProto:
+    ins, outs = _edge_names(t)
+    axes = {**{n: _symbolic_axes(v) for n, v in zip(ins, t.inputs, strict=True)},
+            **{n: _symbolic_axes(v) for n, v in zip(outs, t.outputs, strict=True)}}
     buf = io.BytesIO()
     mode = torch.onnx.TrainingMode.PRESERVE if t.keep_bn else torch.onnx.TrainingMode.EVAL
-    torch.onnx.export(torch.jit.script(_sizes_as_size(module)), (x,), buf, dynamo=False, training=mode,
-                      opset_version=min(t.opset, LEGACY_MAX_OPSET), input_names=["input"], output_names=["output"],
+    torch.onnx.export(torch.jit.script(_sizes_as_size(module)), slim_io.args(x), buf, dynamo=False, training=mode,
+                      opset_version=min(t.opset, LEGACY_MAX_OPSET), input_names=ins, output_names=outs,
                       dynamic_axes=axes)
     return onnx.load_from_string(buf.getvalue())
 
 
-def _export_dynamo(module: nn.Module, x: torch.Tensor, t: Target) -> onnx.ModelProto:
+def _export_dynamo(module: nn.Module, x: slim_io.Inputs, t: Target) -> onnx.ModelProto:
     # the batch must stay symbolic; other axes the upload left symbolic stay so where the model allows
-    dims = {i: torch.export.Dim(f"d{i}", min=1) if i == 0 else torch.export.Dim.AUTO for i in _symbolic_axes(t.inp)}
-    program = torch.onnx.export(module, (x,), dynamo=True, verbose=False, dynamic_shapes=(dims,) if dims else None,
-                                opset_version=max(t.opset, DYNAMO_MIN_OPSET), input_names=["input"],
-                                output_names=["output"])
+    batch = torch.export.Dim("d0", min=1)
+    shapes = tuple({i: batch if i == 0 else torch.export.Dim.AUTO for i in _symbolic_axes(v)} or None
+                   for v in t.inputs)
+    ins, outs = _edge_names(t)
+    program = torch.onnx.export(module, slim_io.args(x), dynamo=True, verbose=False,
+                                dynamic_shapes=shapes if any(shapes) else None,
+                                opset_version=max(t.opset, DYNAMO_MIN_OPSET), input_names=ins, output_names=outs)
     if program is None:
         raise RuntimeError("the dynamo exporter returned nothing")
     return program.model_proto
 
 
 # Tried in order; the first whose file passes every check is kept (tests replace entries to force a route).
-ROUTES: list[tuple[str, Callable[[nn.Module, torch.Tensor, Target], onnx.ModelProto]]] = [
+ROUTES: list[tuple[str, Callable[[nn.Module, slim_io.Inputs, Target], onnx.ModelProto]]] = [
     ("torchscript exporter", _export_torchscript), ("dynamo exporter", _export_dynamo)]
 
 
@@ -274,14 +305,16 @@ def _conform(model: onnx.ModelProto, t: Target) -> None:
     g = model.graph
     inits = {i.name for i in g.initializer}
     inputs = [i for i in g.input if i.name not in inits]
-    if len(inputs) != 1 or len(g.output) != 1:
-        raise RuntimeError(f"exported graph has {len(inputs)} inputs and {len(g.output)} outputs, expected 1 and 1")
-    inp, outp = inputs[0], g.output[0]
+    outputs = list(g.output)
+    if len(inputs) != len(t.inputs) or len(outputs) != len(t.outputs):
+        raise RuntimeError(f"exported graph has {len(inputs)} inputs and {len(outputs)} outputs, expected "
+                           f"{len(t.inputs)} and {len(t.outputs)}")
+    edges = list(zip(inputs, t.inputs, strict=True)) + list(zip(outputs, t.outputs, strict=True))
     for node in _all_nodes(g):
         node.doc_string = ""
         del node.metadata_props[:]
     renames: dict[str, str] = {}
-    for vi, want in ((inp, t.inp), (outp, t.out)):
+    for vi, want in edges:
         got = list(vi.type.tensor_type.shape.dim)
         dims = want.get("dims")
         if dims and len(got) != len(dims):
@@ -293,10 +326,13 @@ def _conform(model: onnx.ModelProto, t: Target) -> None:
         for d in vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else []:
             if d.dim_param in renames:  # never assign to others: dim_param and dim_value are a oneof
                 d.dim_param = renames[d.dim_param]
-    _rename(g, inp.name, str(t.inp["name"]))
-    _rename(g, outp.name, str(t.out["name"]))
-    _cast_edges(g, inp, outp, t)
-    for vi, want in ((inp, t.inp), (outp, t.out)):
+    for vi, want in edges:
+        _rename(g, vi.name, str(want["name"]))
+    for vi, want in zip(inputs, t.inputs, strict=True):
+        _cast_input(g, vi, want)
+    for vi, want in zip(outputs, t.outputs, strict=True):
+        _cast_output(g, vi, want)
+    for vi, want in edges:
         for d, w in zip(vi.type.tensor_type.shape.dim, want.get("dims") or [], strict=False):
             d.Clear()  # exactly the upload's: its dim_param names, its fixed sizes
             if isinstance(w, int) or w:
@@ -308,14 +344,19 @@ def _conform(model: onnx.ModelProto, t: Target) -> None:
         model.metadata_props.add(key=k, value=v)
 
 
-def _cast_edges(g: onnx.GraphProto, inp: onnx.ValueInfoProto, outp: onnx.ValueInfoProto, t: Target) -> None:
-    """Cast from/to the upload's dtypes where the exported ones differ (the module computes in float32)."""
-    want_in, want_out = t.inp.get("elem_type"), t.out.get("elem_type")
+def _cast_input(g: onnx.GraphProto, inp: onnx.ValueInfoProto, want: dict[str, Any]) -> None:
+    """Cast from the upload's input dtype where the exported one differs (the module computes in float32)."""
+    want_in = want.get("elem_type")
     if want_in and inp.type.tensor_type.elem_type != want_in:
         inner = _fresh(g, inp.name + "_cast")
         _replace_refs(g, inp.name, inner, outputs=False)
         g.node.insert(0, helper.make_node("Cast", [inp.name], [inner], to=inp.type.tensor_type.elem_type))
         inp.type.tensor_type.elem_type = int(want_in)
+
+
+def _cast_output(g: onnx.GraphProto, outp: onnx.ValueInfoProto, want: dict[str, Any]) -> None:
+    """Cast to the upload's output dtype where the exported one differs."""
+    want_out = want.get("elem_type")
     if want_out and outp.type.tensor_type.elem_type != want_out:
         inner = _fresh(g, outp.name + "_uncast")
         _replace_refs(g, outp.name, inner)
@@ -370,9 +411,10 @@ def _rename(g: onnx.GraphProto, old: str, new: str) -> None:
             item.name = new
 
 
-def verify(path: Path, module: nn.Module, batches: list[torch.Tensor], t: Target, external: bool = False) -> None:
-    """Check the written file: ONNX checker (full), interface as the upload's, onnxruntime parity; its
-    external data, if any, only in ``PATH.data`` (the checker is given the path so that it reads it)."""
+def verify(path: Path, module: nn.Module, batches: list[slim_io.Inputs], t: Target, external: bool = False) -> None:
+    """Check the written file: ONNX checker (full), interface as the upload's (every input and output, by
+    name and order), onnxruntime parity on every output; its external data, if any, only in ``PATH.data``
+    (the checker is given the path so that it reads it)."""
     import onnxruntime as ort
 
     model = onnx.load(str(path), load_external_data=False)
@@ -383,22 +425,25 @@ def verify(path: Path, module: nn.Module, batches: list[torch.Tensor], t: Target
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, torch.get_num_threads())
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    (si,), (so,) = sess.get_inputs(), sess.get_outputs()
-    if (si.name, so.name) != (t.inp["name"], t.out["name"]):
-        raise ParityError(f"written ONNX names {si.name!r} → {so.name!r} differ from the upload's "
-                          f"{t.inp['name']!r} → {t.out['name']!r}")
-    in_np = helper.tensor_dtype_to_np_dtype(int(t.inp.get("elem_type") or TensorProto.FLOAT))
-    tol = _TOL.get(int(t.out.get("elem_type") or TensorProto.FLOAT), 1e-4)
+    si, so = [v.name for v in sess.get_inputs()], [v.name for v in sess.get_outputs()]
+    want_in, want_out = [v["name"] for v in t.inputs], [v["name"] for v in t.outputs]
+    if (si, so) != (want_in, want_out):
+        raise ParityError(f"written ONNX names {si} → {so} differ from the upload's {want_in} → {want_out}")
+    in_np = [helper.tensor_dtype_to_np_dtype(int(v.get("elem_type") or TensorProto.FLOAT)) for v in t.inputs]
     for xb in batches:
-        feed = xb.numpy().astype(in_np)
+        feeds = [x.numpy().astype(d) for x, d in zip(slim_io.args(xb), in_np, strict=True)]
         with torch.no_grad():
-            ref = module(torch.from_numpy(np.asarray(feed)).to(xb.dtype))
-        got = sess.run([so.name], {si.name: feed})[0]
-        want = t.out.get("dims") or []
-        if want and (len(got.shape) != len(want) or any(isinstance(w, int) and w != g
-                                                        for w, g in zip(want, got.shape, strict=True))):
-            raise ParityError(f"onnxruntime output shape {tuple(got.shape)} does not fit the upload's {want}")
-        err = rel_error(torch.from_numpy(np.asarray(got, dtype=np.float64)), ref.double())
-        if not err <= tol:
-            raise ParityError(f"onnxruntime output differs from the pruned model at batch {xb.shape[0]} "
-                              f"(relative error {err:.2e} > {tol:g})")
+            refs = slim_io.leaves(slim_io.call(module, slim_io.pack(
+                [torch.from_numpy(np.asarray(f)).to(x.dtype) for f, x in zip(feeds, slim_io.args(xb), strict=True)])))
+        gots = sess.run(so, dict(zip(si, feeds, strict=True)))
+        for v, got, ref in zip(t.outputs, gots, refs, strict=True):
+            want = v.get("dims") or []
+            if want and (len(got.shape) != len(want) or any(isinstance(w, int) and w != g
+                                                            for w, g in zip(want, got.shape, strict=True))):
+                raise ParityError(f"onnxruntime output {v['name']!r} shape {tuple(got.shape)} does not fit the "
+                                  f"upload's {want}")
+            tol = _TOL.get(int(v.get("elem_type") or TensorProto.FLOAT), 1e-4)
+            err = rel_error(torch.from_numpy(np.asarray(got, dtype=np.float64)), ref.double())
+            if not err <= tol:
+                raise ParityError(f"onnxruntime output {v['name']!r} differs from the pruned model at batch "
+                                  f"{slim_io.num_rows(xb)} (relative error {err:.2e} > {tol:g})")

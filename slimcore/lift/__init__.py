@@ -23,16 +23,36 @@ from ..registry import Registry
 class Imported:
     module: torch.fx.GraphModule
     fmt: str  # "torchscript" | "pt2" | "onnx"
-    # Runs the uploaded model as uploaded (eval mode); the reference for parity and distillation.
-    original: Callable[[torch.Tensor], torch.Tensor]
-    input_shape: tuple[int, ...]
+    # Runs the uploaded model as uploaded (eval mode); the reference for parity and distillation. Called
+    # like the lifted module (``slimcore.io.call``): one tensor per input; returns the upload's output
+    # structure (a tensor, or a tuple/list/dict of tensors).
+    original: Callable[..., Any]
+    input_shape: tuple[int, ...]  # the first input's (all of them: ``input_shapes``)
     input_name: str = "x"
     dynamic_batch: bool = True
     # Format-specific facts the exporter needs (e.g. the pt2 program's dynamic dims, ONNX opset).
     meta: dict[str, Any] = field(default_factory=dict)
+    # Several inputs: every input's shape and name, in forward order (filled from the above when one).
+    input_shapes: tuple[tuple[int, ...], ...] = ()
+    input_names: tuple[str, ...] = ()
+    # A name per output leaf (slimcore.io order) where the format has them (ONNX); else io.names() applies.
+    output_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        # one input: input_shape/input_name are the truth (``dataclasses.replace(imp, input_name=...)``
+        # keeps working); several: they mirror the first entry
+        if len(self.input_shapes) <= 1:
+            self.input_shapes = (tuple(self.input_shape),)
+        else:
+            self.input_shape = tuple(self.input_shapes[0])
+        if len(self.input_names) <= 1:
+            self.input_names = (self.input_name,)
+        else:
+            self.input_name = self.input_names[0]
 
 
-# An importer gets the file and the spec's input shape (None when the spec has none) and returns the
-# lifted model. It raises SlimError / UnsupportedModel with a message naming the op and node at fault.
+# An importer gets the file and the spec's input shape (None when the spec has none; a tuple of shapes,
+# one per input, when the spec gives ``input_shapes``; ``slimcore.io.as_shapes`` reads both) and returns
+# the lifted model. It raises SlimError / UnsupportedModel with a message naming the op and node at fault.
 Importer = Callable[[Path, "tuple[int, ...] | None"], Imported]
 IMPORTERS: Registry[Importer] = Registry("importer")

@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .. import io
 from ..groups import BN_TYPES, CONV_TYPES, output_layers, public_name
 from .modularize import _set
 
@@ -40,7 +41,7 @@ _BN_FOR_CONV: dict[type, type[nn.Module]] = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2
                                              nn.Conv3d: nn.BatchNorm3d}
 
 
-def reinsert_bn(gm: fx.GraphModule, calib: list[torch.Tensor]) -> list[str]:
+def reinsert_bn(gm: fx.GraphModule, calib: list[io.Inputs]) -> list[str]:
     """Insert an identity BatchNorm after every eligible conv; returns the public names of those convs.
 
     ``calib`` is a list of input batches; statistics are taken in eval mode without gradients. The
@@ -127,7 +128,7 @@ def _is_bn(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 @torch.no_grad()
 def _conv_stats(gm: fx.GraphModule, convs: list[nn.Module],
-                calib: list[torch.Tensor]) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+                calib: list[io.Inputs]) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     """Per-output-channel mean and (population) variance of each conv's output, accumulated in float64."""
     acc: dict[nn.Module, list[torch.Tensor | int]] = {}
 
@@ -145,7 +146,7 @@ def _conv_stats(gm: fx.GraphModule, convs: list[nn.Module],
     dev = next((p.device for p in gm.parameters()), torch.device("cpu"))
     try:
         for x in calib:
-            gm(x.to(dev))
+            io.call(gm, io.apply(x, lambda t: t.to(dev)))
     finally:
         for h in handles:
             h.remove()

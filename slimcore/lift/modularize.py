@@ -5,6 +5,12 @@ result can be ``torch.jit.script``-ed again at export) whose weights are ``get_a
 swaps the calls that own prunable tensors for ``call_module`` nodes so Torch-Pruning's dependency graph
 and our regularizers see Conv/BN/Linear modules holding the original tensors. Everything else is left
 as it was.
+
+Names: the lifted root has exactly two children, so nothing a user called a module can collide with
+ours. :data:`MODULES` (``m``) holds the modules, each at the user's own path (``m.backbone.0`` for
+``backbone.0``, ``m.m.0`` for a user's ``m.0``), which is why ``groups.public_name`` only strips ``m.``;
+:data:`CONSTANTS` (``consts``) holds every tensor the importers read off the file, again under its
+source path. Importers register constants only through :func:`constant_path`.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .. import io
 from ..errors import UnsupportedModel
 
 aten = torch.ops.aten
@@ -24,6 +31,12 @@ _CONV = {aten.conv1d: 1, aten.conv2d: 2, aten.conv3d: 3}
 _BN = {aten.batch_norm, aten._native_batch_norm_legit_no_training, aten.native_batch_norm}
 _CONV_MODULES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _BN_MODULES = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
+MODULES, CONSTANTS = "m", "consts"
+
+
+def constant_path(source: str) -> str:
+    """Where a tensor read from the file at ``source`` (a dotted path, maybe empty) lives on the root."""
+    return f"{CONSTANTS}.{source}" if source else CONSTANTS
 
 
 def packet(target: Any) -> Any:
@@ -74,9 +87,12 @@ def _set(gm: nn.Module, dotted: str, mod: nn.Module) -> str:
 
 
 def _module_path(weight: Any, node: fx.Node, kind: str) -> str:
-    if isinstance(weight, fx.Node) and weight.op == "get_attr" and "." in str(weight.target):
-        return "m." + str(weight.target).rsplit(".", 1)[0]
-    return f"m.{kind}_{node.name}"
+    """The user's path of the module owning ``weight`` (its source path minus the tensor's name)."""
+    source = str(weight.target) if isinstance(weight, fx.Node) and weight.op == "get_attr" else ""
+    source = source.removeprefix(CONSTANTS + ".")
+    if "." in source:
+        return f"{MODULES}.{source.rsplit('.', 1)[0]}"
+    return f"{MODULES}.{kind}_{node.name}"
 
 
 def _conv(gm: fx.GraphModule, node: fx.Node, dims: int) -> nn.Module | None:
@@ -142,14 +158,15 @@ def _linear(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return mod
 
 
-def modularize(gm: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:
+def modularize(gm: fx.GraphModule, example: io.Inputs) -> fx.GraphModule:
     """Replace conv/BN/linear/dropout calls with modules under ``gm.m``, in place; returns ``gm``.
 
     ``example`` is run through the graph once so each BatchNorm gets the class of its input's rank.
     """
     _annotate_ranks(gm, example)
-    holder = nn.Module()
-    gm.add_module("m", holder)
+    if MODULES in gm._modules:
+        raise AssertionError(f"the lifted root already has a {MODULES!r} (importers put tensors under {CONSTANTS!r})")
+    gm.add_module(MODULES, nn.Module())
     graph = gm.graph
     for node in list(graph.nodes):
         if node.op != "call_function":
@@ -187,6 +204,7 @@ def modularize(gm: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:
         graph.erase_node(node)
     graph.eliminate_dead_code(is_impure_node=mutates)
     _drop_unused_attrs(gm)
+    drop_empty_holders(gm)
     gm.recompile()
     return gm
 
@@ -227,16 +245,30 @@ class _Ranks(fx.Interpreter):
         return out
 
 
-def _annotate_ranks(gm: fx.GraphModule, example: torch.Tensor) -> None:
+def _annotate_ranks(gm: fx.GraphModule, example: io.Inputs) -> None:
     with torch.no_grad():
-        _Ranks(gm).run(example)
+        _Ranks(gm).run(*io.args(example))
+
+
+def drop_empty_holders(gm: fx.GraphModule) -> None:
+    """Delete the plain holder modules under ``consts`` that modularize emptied (their tensors moved into ``m``)."""
+
+    def empty(module: nn.Module) -> bool:
+        for name, child in list(module._modules.items()):
+            if type(child) is nn.Module and empty(child):
+                del module._modules[name]
+        return type(module) is nn.Module and not (module._modules or module._parameters or module._buffers)
+
+    holder = gm._modules.get(CONSTANTS)
+    if holder is not None and empty(holder):
+        del gm._modules[CONSTANTS]
 
 
 def _drop_unused_attrs(gm: fx.GraphModule) -> None:
     """Delete constant tensors no longer referenced by any get_attr (they now live in modules)."""
     used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     for name, _ in list(gm.named_buffers()) + list(gm.named_parameters()):
-        if name.startswith("m.") or name in used:
+        if name.startswith(MODULES + ".") or name in used:
             continue
         owner_path, _, attr = name.rpartition(".")
         owner = gm.get_submodule(owner_path) if owner_path else gm

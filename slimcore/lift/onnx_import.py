@@ -22,14 +22,15 @@ import numpy as np
 import onnx
 import torch
 import torch.fx as fx
-from torch import nn
 
+from .. import io
 from ..errors import ParityError, SlimError, UnsupportedModel
 from ..external_data import load_external_tensors
-from ..shape_limits import check_input_shape
+from ..shape_limits import check_input_shapes
 from . import IMPORTERS, Imported
 from .modularize import modularize
-from .onnx_lift import DTYPES, MAX_OPSET, MIN_OPSET, Lifter, default_opset, lift_graph
+from .onnx_graph import Lifter, lift_graph
+from .onnx_lift import DTYPES, MAX_OPSET, MIN_OPSET, default_opset
 from .parity import check_parity
 from .reshapes import unbake_chunks, unbake_views, unprunable_layers
 
@@ -41,36 +42,42 @@ def import_onnx(path: Path, input_shape: tuple[int, ...] | None) -> Imported:
     graph = model.graph
     inits = {i.name for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in inits]
-    if len(inputs) != 1 or len(graph.output) != 1:
-        raise UnsupportedModel(f"the ONNX graph has {len(inputs)} inputs and {len(graph.output)} outputs; only one "
-                               "tensor input and one tensor output are supported")
-    inp, out = inputs[0], graph.output[0]
-    for v in (inp, out):
+    if not inputs or not graph.output:
+        raise UnsupportedModel(f"the ONNX graph has {len(inputs)} inputs and {len(graph.output)} outputs; at least "
+                               "one of each is needed")
+    for v in (*inputs, *graph.output):
         if v.type.WhichOneof("value") != "tensor_type" or v.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-            raise UnsupportedModel(f"graph {'input' if v is inp else 'output'} {v.name!r} is not a float32 tensor")
-    dims = _dims(inp)
+            kind = "input" if v in inputs else "output"
+            raise UnsupportedModel(f"graph {kind} {v.name!r} is not a float32 tensor")
+    given = io.as_shapes(input_shape)
+    if given is not None and len(given) != len(inputs):
+        raise SlimError(f"the ONNX model takes {len(inputs)} inputs ({', '.join(i.name for i in inputs)}) but the "
+                        f"spec gives {len(given)} shapes; give one per input in input_shapes")
+    all_dims = [_dims(i) for i in inputs]
+    dims = all_dims[0]
     dynamic = not isinstance(dims[0], int) or dims[0] <= 0 if dims else False
-    shape = check_input_shape(_resolve_shape(dims, input_shape, dynamic),
-                              "input_shape" if input_shape else "the ONNX model's declared input")
-    original = OnnxRuntimeModel(path, inp.name, out.name)
+    shapes = check_input_shapes(tuple(_resolve_shape(d, None if given is None else given[k], dynamic)
+                                      for k, d in enumerate(all_dims)),
+                                "input_shape" if input_shape else "the ONNX model's declared input")
+    shape = shapes[0]
+    original = OnnxRuntimeModel(path, [i.name for i in inputs], [o.name for o in graph.output])
     batch = 2 if dynamic else shape[0]  # batch 1 can hide batch-mixing bugs
-    example = torch.randn((batch, *shape[1:]), generator=torch.Generator().manual_seed(0))
+    example = io.random_inputs(shapes, batch)
     try:
-        original(example)
+        io.call(original, example)
     except Exception as e:
-        raise SlimError(f"onnxruntime cannot run the model on an input of shape {list(example.shape)}: "
+        given_shapes = ", ".join(str(list(t.shape)) for t in io.args(example))
+        raise SlimError(f"onnxruntime cannot run the model on inputs of shape {given_shapes}: "
                         f"{_ort_message(e)}") from None
-    gm = lift_single(model, inp.name, example)
+    feeds = dict(zip((i.name for i in inputs), io.args(example), strict=True))
+    gm = lift_single(model, feeds)
     modularize(gm, example)
-    for name in [k for k in gm._modules if k != "m"]:
-        if _drop_empty(gm._modules[name]):  # type: ignore[arg-type]
-            del gm._modules[name]
     gm.eval()
     meta: dict[str, Any] = {
         "onnx_opset": default_opset(model),
         "onnx_ir_version": int(model.ir_version),
-        "onnx_inputs": [_io(inp)],
-        "onnx_outputs": [_io(out)],
+        "onnx_inputs": [_io(i) for i in inputs],
+        "onnx_outputs": [_io(o) for o in graph.output],
         "onnx_metadata": {p.key: p.value for p in model.metadata_props},
         "onnx_producer": (model.producer_name, model.producer_version),
         # module path -> why; the pruner must leave every group containing one whole
@@ -78,21 +85,24 @@ def import_onnx(path: Path, input_shape: tuple[int, ...] | None) -> Imported:
         "bn_in_file": any(n.op_type == "BatchNormalization" for n in graph.node),
         "onnx_external_data": data_files,  # written back with external data too when non-empty
     }
-    imported = Imported(module=gm, fmt="onnx", original=original, input_shape=shape, input_name=inp.name,
-                        dynamic_batch=dynamic, meta=meta)
+    imported = Imported(module=gm, fmt="onnx", original=original, input_shape=shape, input_name=inputs[0].name,
+                        dynamic_batch=dynamic, meta=meta, input_shapes=shapes,
+                        input_names=tuple(i.name for i in inputs), output_names=tuple(o.name for o in graph.output))
     try:
         check_parity(original, gm, example, rtol=1e-5, stage="onnx import")
     except ParityError:
         # again against the plain lifted graph, so the error names the first node that departs
         check_parity(original, gm, example, rtol=1e-5, stage="onnx import",
-                     reference=lambda: Lifter(model, {inp.name: example}).run())
+                     reference=lambda: Lifter(model, feeds).run())
         raise
     return imported
 
 
-def lift_single(model: onnx.ModelProto, input_name: str, example: torch.Tensor) -> fx.GraphModule:
-    """The lifted graph of a one-input model, with reshapes un-baked/fenced (before modularize)."""
-    gm = Lifter(model, {input_name: example}).run()
+def lift_single(model: onnx.ModelProto, feeds: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """The lifted graph (example value per graph input), with reshapes un-baked/fenced (before modularize).
+
+    It returns one tensor for one graph output, else a tuple in the graph's output order."""
+    gm = Lifter(model, feeds).run()
     unbake_chunks(gm)
     unbake_views(gm)
     for n in gm.graph.nodes:
@@ -100,14 +110,6 @@ def lift_single(model: onnx.ModelProto, input_name: str, example: torch.Tensor) 
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
-
-
-def _drop_empty(module: nn.Module) -> bool:
-    """Delete holder modules that modularize emptied (their tensors moved into ``m``); True if empty."""
-    for name, child in list(module._modules.items()):
-        if type(child) is nn.Module and _drop_empty(child):
-            del module._modules[name]
-    return type(module) is nn.Module and not (module._modules or module._parameters or module._buffers)
 
 
 def load_model(path: Path, data_files: list[str] | None = None) -> onnx.ModelProto:
@@ -193,14 +195,17 @@ def _ort_message(e: BaseException) -> str:
 
 
 class OnnxRuntimeModel:
-    """The uploaded file run in onnxruntime on the CPU: a tensor in, a tensor out (on the input's device).
+    """The uploaded file run in onnxruntime on the CPU: a tensor per graph input in, the graph's outputs out
+    (one tensor, or a tuple in output order as the lifted graph returns them; on the input's device).
 
     Parity checks and distillation compare against this, not against our own lift of it. The session is
     rebuilt from the path after unpickling (sessions cannot be pickled).
     """
 
-    def __init__(self, path: Path, input_name: str, output_name: str) -> None:
-        self.path, self.input_name, self.output_name = str(path), input_name, output_name
+    def __init__(self, path: Path, input_names: str | list[str], output_names: str | list[str]) -> None:
+        self.path = str(path)
+        self.input_names = [input_names] if isinstance(input_names, str) else list(input_names)
+        self.output_names = [output_names] if isinstance(output_names, str) else list(output_names)
         self._session: Any = None
         self.session()  # fail at import, not at first use
 
@@ -218,10 +223,11 @@ class OnnxRuntimeModel:
                 raise SlimError(f"onnxruntime cannot load the model: {_ort_message(e)}") from None
         return self._session
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        feed = {self.input_name: x.detach().to("cpu", torch.float32).numpy()}
-        out = self.session().run([self.output_name], feed)[0]
-        return torch.from_numpy(np.ascontiguousarray(out)).to(x.device)
+    def __call__(self, *xs: torch.Tensor) -> Any:
+        feed = {n: x.detach().to("cpu", torch.float32).numpy() for n, x in zip(self.input_names, xs, strict=True)}
+        outs = [torch.from_numpy(np.ascontiguousarray(o)).to(xs[0].device)
+                for o in self.session().run(self.output_names, feed)]
+        return outs[0] if len(outs) == 1 else tuple(outs)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_session": None}

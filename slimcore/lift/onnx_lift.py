@@ -31,6 +31,7 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from ..errors import UnsupportedModel
+from .modularize import CONSTANTS, constant_path
 
 aten = torch.ops.aten
 # Default-domain opsets whose op versions the converters were checked against. Versions 22-25 of the ops
@@ -39,7 +40,7 @@ aten = torch.ops.aten
 MIN_OPSET, MAX_OPSET = 11, 28
 DTYPES = {1: torch.float32, 2: torch.uint8, 3: torch.int8, 5: torch.int16, 6: torch.int32, 7: torch.int64,
           9: torch.bool, 10: torch.float16, 11: torch.float64, 16: torch.bfloat16}
-_RESERVED = {"m"} | set(dir(fx.GraphModule))
+_RESERVED = set(dir(fx.GraphModule))
 
 
 @dataclass(eq=False)
@@ -52,11 +53,21 @@ class Const:
 
 @dataclass(eq=False)
 class Dims:
-    """A 0-D/1-D integer (or float) tensor of sizes whose items are ints or fx nodes computing them."""
+    """A 0-D/1-D integer (or float) tensor of sizes whose items are ints or fx nodes computing them.
+
+    ``shape`` is set when exporters rearrange sizes as a matrix (``F.pad``'s pads go through
+    Reshape(-1, 2), a reversing Slice and a Transpose); items are then in row-major order, and only the
+    converters in :data:`SHAPED_DIMS_OPS` see such a value (others get it as a tensor).
+    """
 
     items: list[Any]
     scalar: bool = False
     floating: bool = False
+    shape: tuple[int, ...] | None = None
+
+
+# Converters that handle a Dims with a ``shape`` (a rearrangement of items, or a cast of each).
+SHAPED_DIMS_OPS = {"Reshape", "Transpose", "Slice", "Cast", "Identity"}
 
 
 Value = fx.Node | Const | Dims | None
@@ -75,17 +86,10 @@ def op(*names: str) -> Callable[[Converter], Converter]:
     return deco
 
 
-def supported_ops() -> list[str]:
-    """The ONNX op types with a converter (importing the converter modules registers them)."""
-    from . import onnx_ops, onnx_pool, onnx_shapes  # noqa: F401
-
-    return sorted(OPS)
-
-
-def ident(s: str) -> str:
-    """A Python-identifier-like version of an ONNX name component."""
+def ident(s: str, reserved: bool = True) -> str:
+    """A Python-identifier-like version of an ONNX name component (for a node, or a path under ``consts``)."""
     s = re.sub(r"[^0-9A-Za-z_]", "_", s) or "_"
-    return s + "_" if s in _RESERVED or keyword.iskeyword(s) else s
+    return s + "_" if reserved and s in _RESERVED or keyword.iskeyword(s) else s
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -150,7 +154,6 @@ class Lifter:
 
     # -- building -------------------------------------------------------------------------------------
     def run(self) -> fx.GraphModule:
-        supported_ops()
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise UnsupportedModel(f"ONNX opset {self.opset} is not supported (supported: {MIN_OPSET}-{MAX_OPSET}); "
                                    "convert it with onnx.version_converter")
@@ -205,6 +208,8 @@ class Lifter:
             if i and i not in self.env:
                 raise UnsupportedModel(f"node {n.name!r} reads {i!r} before it is computed (graph not sorted?)")
             ins.append(self.env[i] if i else None)
+        if n.op_type not in SHAPED_DIMS_OPS:
+            ins = [self.tensor(v) if isinstance(v, Dims) and v.shape else v for v in ins]
         attrs = {a.name: _attr(a, f"node {n.name!r}") for a in n.attribute}
         self.hint = ident((n.name or n.output[0]).strip("/"))
         outs = conv(self, n, ins, attrs, ver)
@@ -279,10 +284,15 @@ class Lifter:
         return node
 
     def _register(self, name: str, t: torch.Tensor) -> str:
-        parts = [ident(p) for p in name.split(".")]
+        """Register ``t`` under ``consts.`` + its ONNX name (dots kept as module paths); returns the path."""
+        parts = [ident(p, reserved=False) for p in name.split(".")]
+        holder = self.root._modules.get(CONSTANTS)
+        if holder is None:
+            holder = nn.Module()
+            self.root.add_module(CONSTANTS, holder)
         for k in range(1000):
             cand = list(parts) if k == 0 else ["_".join(parts) + (f"_{k}" if k > 1 else "")]
-            owner: nn.Module = self.root
+            owner: nn.Module = holder
             ok = True
             for p in cand[:-1]:
                 child = owner._modules.get(p)
@@ -295,7 +305,7 @@ class Lifter:
                 owner = child
             if ok and not hasattr(owner, cand[-1]):
                 owner.register_buffer(cand[-1], t)
-                return ".".join(cand)
+                return constant_path(".".join(cand))
         raise AssertionError(f"no free buffer name for {name}")
 
     # -- reading values ---------------------------------------------------------------------------------
@@ -308,7 +318,7 @@ class Lifter:
         if isinstance(v, Dims):
             t = torch.tensor([self.value(i) for i in v.items],
                              dtype=torch.float32 if v.floating else torch.int64)
-            return t.reshape(()) if v.scalar else t
+            return t.reshape(()) if v.scalar else t.reshape(v.shape) if v.shape else t
         return v
 
     def shape(self, v: Any) -> tuple[int, ...]:
@@ -342,7 +352,10 @@ class Lifter:
         dt = torch.float32 if v.floating else torch.int64
         parts = [self.call(aten.scalar_tensor, i, dtype=dt) if isinstance(i, fx.Node)
                  else Const(torch.tensor(i, dtype=dt)) for i in v.items]
-        return parts[0] if v.scalar else self.call(aten.stack, parts)
+        if v.scalar:
+            return parts[0]
+        out = self.call(aten.stack, parts)
+        return self.call(aten.reshape, out, list(v.shape)) if v.shape else out
 
     def materialize(self, v: Any) -> Any:
         """A graph node for ``v`` (constants become a get_attr)."""
@@ -358,13 +371,3 @@ class Lifter:
 
     def fail(self, why: str) -> UnsupportedModel:
         return UnsupportedModel(f"{self.where()}: {why}")
-
-
-def lift_graph(model: onnx.ModelProto, example_inputs: Mapping[str, torch.Tensor]) -> fx.GraphModule:
-    """Lift any ONNX graph (several inputs, weights as inputs, several outputs) into an fx graph of aten calls.
-
-    The lower-level entry point used by the importer and by the op-level tests: no modularization, no
-    reshape fencing, no parity; Conv/Gemm with weights that are graph inputs stay ``call_function``.
-    Placeholders follow the order of the graph's non-initializer inputs.
-    """
-    return Lifter(model, example_inputs).run()

@@ -11,6 +11,7 @@ the op's inputs or attributes changed (Clip-11, Softmax-13, the Reduce ops' ``ax
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Any
 
@@ -208,7 +209,23 @@ _UNARY = {"Relu": aten.relu, "Sigmoid": aten.sigmoid, "Tanh": aten.tanh, "Exp": 
 
 @op(*_UNARY)
 def unary(b: Lifter, n: Node, ins: list[Any], a: dict[str, Any], ver: int) -> Any:
-    return b.call(_UNARY[n.op_type], b.tensor(ins[0]) if isinstance(ins[0], Dims) else ins[0])
+    """On sizes (TF "same" padding computes ``ceil(size / stride)``), item by item at run time."""
+    x = ins[0]
+    if isinstance(x, Dims) and n.op_type in _DIMS_UNARY:
+        return Dims([b.call(_DIMS_UNARY[n.op_type], i) for i in x.items], x.scalar, x.floating, x.shape)
+    return b.call(_UNARY[n.op_type], b.tensor(x) if isinstance(x, Dims) else x)
+
+
+def _ceil(v: float) -> float:
+    """ONNX Ceil/Floor keep the float type; ``math.ceil`` gives an int."""
+    return float(math.ceil(v))
+
+
+def _floor(v: float) -> float:
+    return float(math.floor(v))
+
+
+_DIMS_UNARY = {"Ceil": _ceil, "Floor": _floor, "Neg": operator.neg, "Abs": abs}
 
 
 @op("Identity", "Dropout")
@@ -259,6 +276,11 @@ def clip(b: Lifter, n: Node, ins: list[Any], a: dict[str, Any], ver: int) -> Any
         lo, hi = (None if v is None else b.const(v, "a Clip bound").reshape(()).item() for v in (lo, hi))
     if lo is None and hi is None:
         return x
+    if isinstance(x, Dims):  # on sizes: max/min item by item, in the sizes' own type
+        cast = float if x.floating else int
+        items = [i if lo is None else b.call(max, i, cast(lo)) for i in x.items]
+        items = [i if hi is None else b.call(min, i, cast(hi)) for i in items]
+        return Dims(items, x.scalar, x.floating, x.shape)
     return b.call(aten.clamp, x, lo, hi)
 
 
@@ -318,15 +340,26 @@ def _dims_pair(b: Lifter, pyfn: Any, x: Any, y: Any) -> Dims:
 
 @op("Where")
 def where(b: Lifter, n: Node, ins: list[Any], a: dict[str, Any], ver: int) -> Any:
+    """On sizes (the legacy exporter's ``expand``: ``Where(Equal(shape, -1), 1, shape)``), item by item."""
     c, x, y = ins
-    if isinstance(c, Dims) and all(isinstance(i, bool) for i in c.items) and (isinstance(x, Dims) or isinstance(
-            y, Dims)):
+    if isinstance(c, Dims) and (isinstance(x, Dims) or isinstance(y, Dims)) and not (
+            isinstance(x, fx.Node) or isinstance(y, fx.Node)):
         xs, ys = b.items(x), b.items(y)
         k = len(c.items)
         xs, ys = (v * k if len(v) == 1 else v for v in (xs, ys))
-        return Dims([i if t else j for t, i, j in zip(c.items, xs, ys, strict=True)], scalar=c.scalar)
+        picked = [(i if t else j) if isinstance(t, bool) else b.call(pick, t, i, j)
+                  for t, i, j in zip(c.items, xs, ys, strict=True)]
+        floating = any(isinstance(v, Dims) and v.floating for v in (x, y))
+        return Dims(picked, scalar=c.scalar, floating=floating)
     c, x, y = (b.tensor(v) if isinstance(v, Dims) else v for v in (c, x, y))
+    if isinstance(ins[0], Dims):
+        c = b.call(aten._to_copy, c, dtype=torch.bool)  # sizes compared are held as int64
     return b.call(aten.where, c, x, y)
+
+
+def pick(cond: bool, a: int, b: int) -> int:
+    """``a if cond else b`` on run-time sizes, as a call fx can record and TorchScript can compile."""
+    return a if cond else b
 
 
 @op("Softmax", "LogSoftmax")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import operator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 
@@ -70,9 +71,9 @@ def cast(b: Lifter, n: Node, ins: list[Any], a: dict[str, Any], ver: int) -> Any
         dt = b.dtype(ins[1])
     if isinstance(x, Dims):
         if dt.is_floating_point:
-            return Dims([b.call(float, i) for i in x.items], x.scalar, floating=True)
+            return Dims([b.call(float, i) for i in x.items], x.scalar, floating=True, shape=x.shape)
         if dt in (torch.int64, torch.int32):
-            return Dims([b.call(int, i) for i in x.items] if x.floating else x.items, x.scalar)
+            return Dims([b.call(int, i) for i in x.items] if x.floating else x.items, x.scalar, shape=x.shape)
         x = b.tensor(x)
     return b.call(aten._to_copy, x, dtype=dt)
 
@@ -105,8 +106,26 @@ def constant_of_shape(b: Lifter, n: Node, ins: list[Any], a: dict[str, Any], ver
 
 @op("Range")
 def range_(b: Lifter, n: Node, ins: list[Any], a: dict[str, Any], ver: int) -> Any:
-    start, limit, delta = (b.const(v, "a Range bound").reshape(()) for v in ins)
-    return Const(torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype))
+    """Constant bounds fold; bounds from ``Shape`` (YOLO's anchor grid over the feature map) or computed
+    tensors give an ``aten.arange`` at run time, on the input's device."""
+    if all(isinstance(v, Const) for v in ins):
+        start, limit, delta = (v.t.reshape(()) for v in ins)
+        return Const(torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype))
+    dt = b.dtype(ins[0])
+    bounds = [_scalar(b, v, "a Range bound") for v in ins]
+    ref = next(iter(b.graph.find_nodes(op="placeholder")))
+    return b.call(aten.arange, *bounds, dtype=dt, device=b.call(getattr, ref, "device"))
+
+
+def _scalar(b: Lifter, v: Any, what: str) -> Any:
+    """A one-element value as a Python number or a run-time scalar node."""
+    if isinstance(v, Const):
+        return v.t.reshape(()).item()
+    if isinstance(v, Dims):
+        if len(v.items) != 1:
+            raise b.fail(f"{what} has {len(v.items)} elements, not one")
+        return v.items[0]
+    return b.call(aten.item, v)
 
 
 @op("Gather")
@@ -207,9 +226,13 @@ def slice_(b: Lifter, n: Node, ins: list[Any], a: dict[str, Any], ver: int) -> A
     axes = b.items(ins[3], "axes") if arg(ins, 3) is not None else list(range(len(starts)))
     steps = b.items(ins[4], "steps") if arg(ins, 4) is not None else [1] * len(starts)
     if isinstance(x, Dims):
-        if x.scalar or any(not isinstance(v, int) for v in starts + ends + steps):
+        if x.scalar or any(not isinstance(v, int) for v in starts + ends + steps + axes):
             raise b.fail("slicing sizes with computed bounds is not supported")
-        return Dims(x.items[slice(starts[0], min(ends[0], _I64_MAX), steps[0])], floating=x.floating)
+        idx = np.arange(len(x.items)).reshape(x.shape or (len(x.items),))
+        for st, en, ax, sp in zip(starts, ends, axes, steps, strict=True):
+            ax = int(ax) % idx.ndim
+            idx = idx[(slice(None),) * ax + (slice(st, min(en, _I64_MAX), sp),)]
+        return _rearranged(x, idx)
     r = _rank(b, x)
     for st, en, ax, sp in zip(starts, ends, axes, steps, strict=True):
         ax = int(ax) % r
@@ -237,6 +260,10 @@ def reshape(b: Lifter, n: Node, ins: list[Any], a: dict[str, Any], ver: int) -> 
         count = len(x.items)
         if want in ([], [1]) and count == 1 or want in ([-1], [count]):
             return Dims(x.items, scalar=not want, floating=x.floating)
+        if all(isinstance(s, int) for s in want):
+            have = x.shape or (() if x.scalar else (count,))
+            fixed = [have[i] if s == 0 and not allowzero else s for i, s in enumerate(want)]
+            return _rearranged(x, np.arange(count).reshape(fixed))
         x = b.tensor(x)
     sizes: list[Any] = []
     for i, s in enumerate(want):
@@ -249,6 +276,12 @@ def reshape(b: Lifter, n: Node, ins: list[Any], a: dict[str, Any], ver: int) -> 
         rest = b.call(operator.floordiv, b.call(aten.sym_numel, x), known)
         sizes = [rest if isinstance(s, int) and s == -1 else s for s in sizes]
     return b.call(aten.reshape, x, sizes)
+
+
+def _rearranged(x: Dims, idx: np.ndarray) -> Dims:
+    """The items of ``x`` picked by an index array (a reshape, transpose or slice of their positions)."""
+    items = [x.items[int(i)] for i in idx.reshape(-1)]
+    return Dims(items, scalar=idx.ndim == 0, floating=x.floating, shape=tuple(idx.shape) if idx.ndim > 1 else None)
 
 
 @op("Flatten")
@@ -267,7 +300,10 @@ def flatten(b: Lifter, n: Node, ins: list[Any], a: dict[str, Any], ver: int) -> 
 def transpose(b: Lifter, n: Node, ins: list[Any], a: dict[str, Any], ver: int) -> Any:
     x = ins[0]
     if isinstance(x, Dims):
-        return x
+        if not x.shape:
+            return x
+        perm = list(a.get("perm", reversed(range(len(x.shape)))))
+        return _rearranged(x, np.arange(len(x.items)).reshape(x.shape).transpose(perm))
     perm = list(a.get("perm", reversed(range(_rank(b, x)))))
     return b.call(aten.permute, x, perm)
 

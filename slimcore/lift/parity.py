@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from .. import io
 from ..errors import ParityError
 
 
@@ -54,17 +55,17 @@ class _Recorder(fx.Interpreter):
         return out
 
 
-def first_divergence(reference: fx.GraphModule, lifted: fx.GraphModule, example: torch.Tensor,
+def first_divergence(reference: fx.GraphModule, lifted: fx.GraphModule, example: io.Inputs,
                      rtol: float) -> str | None:
     """Name the first node of ``lifted`` whose output differs from the same-named node of ``reference``."""
     ref, got = _Recorder(reference), _Recorder(lifted)
     with torch.no_grad():
         try:
-            ref.run(example)
+            ref.run(*io.args(example))
         except Exception:  # the reference itself failing means we cannot localise, not a new error
             return None
         try:
-            got.run(example)
+            got.run(*io.args(example))
         except Exception as e:
             bad = got.order[-1].name if got.order else "the first node"
             return f"execution failed after {bad}: {type(e).__name__}"
@@ -79,30 +80,32 @@ def first_divergence(reference: fx.GraphModule, lifted: fx.GraphModule, example:
     return None
 
 
-def check_parity(original: Callable[[torch.Tensor], torch.Tensor], lifted: fx.GraphModule,
-                 example: torch.Tensor, *, rtol: float = 1e-5, stage: str = "import",
+def check_parity(original: Callable[..., Any], lifted: fx.GraphModule,
+                 example: io.Inputs, *, rtol: float = 1e-5, stage: str = "import",
                  reference: fx.GraphModule | Callable[[], fx.GraphModule] | None = None) -> float:
     """Relative error of ``lifted`` against ``original`` on ``example``; ParityError above ``rtol``.
 
     ``reference`` is an fx graph known to agree with ``original`` node for node (the graph before a
     rewrite), or a function building one on demand; with it the error names the first node whose value
-    departs.
+    departs. Several inputs are a tuple (``slimcore.io``); every output is compared, and the structure
+    (tuple/list/dict, names, order) must be the original's.
     """
     was_training = lifted.training
     lifted.eval()
     try:
         with torch.no_grad():
-            want = original(example)
-            got = lifted(example)
+            want = io.call(original, example)
+            got = io.call(lifted, example)
     finally:
         lifted.train(was_training)
-    if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor):
-        raise ParityError(f"{stage}: expected tensor outputs, got {type(want).__name__} from the original "
-                          f"and {type(got).__name__} from the lifted graph")
-    if want.shape != got.shape:
-        raise ParityError(f"{stage}: output shape {list(got.shape)} differs from the original's "
-                          f"{list(want.shape)}")
-    err = relative_error(want, got)
+    if io.structure(want) != io.structure(got) or not io.leaves(want):
+        raise ParityError(f"{stage}: outputs {io.describe(got)} differ in form from the original's "
+                          f"{io.describe(want)}")
+    for name, w, g in zip(io.names(want), io.leaves(want), io.leaves(got), strict=True):
+        if w.shape != g.shape:
+            raise ParityError(f"{stage}: output {name} has shape {list(g.shape)}, the original's "
+                              f"{list(w.shape)}")
+    err = max(relative_error(w, g) for w, g in zip(io.leaves(want), io.leaves(got), strict=True))
     if err <= rtol:
         return err
     where = None

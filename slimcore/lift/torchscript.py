@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import nn
 
+from .. import io
 from ..errors import SlimError, UnsupportedModel
-from ..shape_limits import check_input_shape
+from ..shape_limits import check_input_shapes
 from . import IMPORTERS, Imported
 from .modularize import modularize
 from .parity import check_parity
@@ -37,24 +37,24 @@ class _Original:
     def __init__(self, module: torch.jit.ScriptModule) -> None:
         self.module = module.eval()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *xs: torch.Tensor) -> Any:
         with torch.no_grad():
-            return self.module(x)
+            return self.module(*xs)
 
 
 def _first_line(e: BaseException) -> str:
     return ((str(e).strip().splitlines() or [type(e).__name__])[0].strip())[:200]
 
 
-def _freeze(module: torch.jit.ScriptModule, rank: int) -> torch.jit.ScriptModule:
+def _freeze(module: torch.jit.ScriptModule, ranks: list[int]) -> torch.jit.ScriptModule:
     """Inline an eval-mode copy, folding ``self.training`` and plain attributes into constants.
 
     Parameters and buffers stay attributes (``preserveParameters``): making them graph constants makes
     freezing an order of magnitude slower on deep nets, and ``prim::GetAttr`` chains name them anyway.
 
     Scripted library code branches and loops on ``x.dim()`` (``F.interpolate``, BatchNorm's checks).
-    The input's rank is fixed by the spec and survives pruning and any batch size, so it is declared on
-    the graph input (and each parameter's on its read) and propagated; the branches and loops it decides
+    Each input's rank is fixed by the spec and survives pruning and any batch size, so it is declared on
+    the graph inputs (and each parameter's on its read) and propagated; the branches and loops it decides
     then fold away. Sizes stay unknown, so nothing that depends on them is baked.
     """
     try:
@@ -65,8 +65,9 @@ def _freeze(module: torch.jit.ScriptModule, rank: int) -> torch.jit.ScriptModule
     torch._C._jit_pass_inline(graph)
     torch._C._jit_pass_constant_propagation(graph)
     this, *xs = list(graph.inputs())
-    if len(xs) == 1 and xs[0].type().kind() == "TensorType":
-        xs[0].setType(torch._C.TensorType.get().with_sizes([None] * rank))
+    if len(xs) == len(ranks) and all(x.type().kind() == "TensorType" for x in xs):
+        for x, rank in zip(xs, ranks, strict=True):
+            x.setType(torch._C.TensorType.get().with_sizes([None] * rank))
         owners: dict[int, Any] = {this.unique(): frozen}
         for n in graph.nodes():
             if n.kind() == "prim::GetAttr" and n.input().unique() in owners:
@@ -85,7 +86,23 @@ def _freeze(module: torch.jit.ScriptModule, rank: int) -> torch.jit.ScriptModule
         torch._C._jit_pass_constant_propagation(graph)
     _strip_guards(graph.block())
     torch._C._jit_pass_dce(graph)
+    _refuse_training_mode(graph)
     return frozen
+
+
+def _refuse_training_mode(graph: torch._C.Graph) -> None:
+    """A model traced before ``.eval()`` has ``training=True`` baked into every BatchNorm call.
+
+    Its file normalises with batch statistics and updates its running statistics on every call, so
+    there is no fixed function to lift or compare against (ultralytics and timm models are built in
+    training mode; forgetting ``.eval()`` before ``torch.jit.trace`` is common).
+    """
+    for n in graph.nodes():
+        if n.kind() != "aten::batch_norm" or n.inputsAt(3).type().kind() == "NoneType":
+            continue  # without running statistics (track_running_stats=False) batch statistics are the model
+        if n.inputsAt(5).node().kind() == "prim::Constant" and n.inputsAt(5).toIValue() is True:
+            raise UnsupportedModel(f"BatchNorm node %{n.output().debugName()} runs in training mode (batch "
+                                   "statistics): the model was traced before .eval(); trace model.eval() again")
 
 
 def _strip_guards(block: torch._C.Block) -> None:
@@ -115,7 +132,7 @@ class _Shapes(fx.Interpreter):
         return out
 
 
-def _fence_reshapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
+def _fence_reshapes(gm: fx.GraphModule, example: io.Inputs) -> None:
     """Give chunks and channel-mixing reshapes the same treatment as in the pt2 importer.
 
     Sizes are already live here, but Torch-Pruning 1.6.1 still cannot build a dependency graph through
@@ -123,70 +140,77 @@ def _fence_reshapes(gm: fx.GraphModule, example: torch.Tensor) -> None:
     ``meta["val"]``, which an example run provides) and marks the layers feeding a shuffle unprunable.
     """
     with torch.no_grad():
-        _Shapes(gm).run(example)
+        _Shapes(gm).run(*io.args(example))
     unbake_chunks(gm)
     unbake_views(gm)
     for n in gm.graph.nodes:
         n.meta.pop("val", None)
 
 
-def _drop_empty(module: nn.Module) -> bool:
-    """Delete holder modules left without tensors once modularize moved the weights out; True if empty."""
-    for name, child in list(module._modules.items()):
-        if type(child) is nn.Module and _drop_empty(child):
-            del module._modules[name]
-    return type(module) is nn.Module and not (module._modules or module._parameters or module._buffers)
+def _tensors_only(t: Any) -> bool:
+    """A tensor, or a tuple/list/dict (string keys) of such: the outputs every later stage can compare."""
+    kind = t.kind()
+    if kind == "TensorType":
+        return True
+    if kind in ("TupleType", "ListType"):
+        return all(_tensors_only(e) for e in t.containedTypes())
+    if kind == "DictType":
+        return t.getKeyType().kind() == "StringType" and _tensors_only(t.getValueType())
+    return False
 
 
-def _check_signature(module: torch.jit.ScriptModule) -> None:
-    """One tensor in, one tensor out: what every later stage (pruning, distillation, export) assumes."""
+def _check_signature(module: torch.jit.ScriptModule) -> int:
+    """Tensors in; a tensor or a tuple/list/dict of tensors out. Returns the number of inputs."""
     try:
         schema = module.forward.schema
     except (AttributeError, RuntimeError):
         raise UnsupportedModel("the TorchScript module has no forward method") from None
     args, rets = schema.arguments[1:], schema.returns
-    if len(args) != 1 or args[0].type.kind() != "TensorType":
+    if not args or any(a.type.kind() != "TensorType" for a in args):
         sig = ", ".join(f"{a.name}: {a.type}" for a in args)
-        raise UnsupportedModel(f"forward({sig}) must take exactly one tensor input")
-    if len(rets) != 1 or rets[0].type.kind() != "TensorType":
+        raise UnsupportedModel(f"forward({sig}) must take tensor inputs only")
+    if len(rets) != 1 or not _tensors_only(rets[0].type):
         kinds = ", ".join(str(r.type) for r in rets)
-        raise UnsupportedModel(f"forward returns {kinds}; only a single tensor output is supported")
+        raise UnsupportedModel(f"forward returns {kinds}; supported: a tensor, or a tuple, list or dict "
+                               "(string keys) of tensors")
+    return len(args)
 
 
 @IMPORTERS.register("torchscript")
 def import_torchscript(path: Path, input_shape: tuple[int, ...] | None) -> Imported:
     if input_shape is None:
         raise SlimError("input_shape is required for TorchScript models: the file does not record one "
-                        "(give e.g. [1, 3, 224, 224])")
-    shape = tuple(int(d) for d in input_shape)
-    if not shape or any(d <= 0 for d in shape):
-        raise SlimError(f"input_shape {list(shape)} must be non-empty with positive sizes")
-    check_input_shape(shape, "input_shape")
+                        "(give e.g. [1, 3, 224, 224]; input_shapes, one per input, for several inputs)")
+    shapes = io.as_shapes(input_shape) or ()
+    if not shapes or any(not s or any(d <= 0 for d in s) for s in shapes):
+        raise SlimError(f"input_shape {[list(s) for s in shapes]} must be non-empty with positive sizes")
+    check_input_shapes(shapes, "input_shape")
     try:
         original = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:  # RuntimeError/ValueError/OSError with multi-line C++ text
         raise SlimError(f"{Path(path).name} is not a loadable TorchScript file: {_first_line(e)}") from None
-    _check_signature(original)
+    n_inputs = _check_signature(original)
+    if len(shapes) != n_inputs:
+        raise SlimError(f"the model takes {n_inputs} inputs but the spec gives {len(shapes)} shapes; give one "
+                        "per input in input_shapes")
     work = copy.deepcopy(original).eval()
     runner = _Original(original)
-    example = torch.randn((2, *shape[1:]), generator=torch.Generator().manual_seed(0))
+    example = io.random_inputs(shapes, 2)
     try:
-        runner(example)
+        io.call(runner, example)
     except Exception as e:
-        raise SlimError(f"the model fails on an input of shape {list(example.shape)}: {_first_line(e)}") \
-            from None
-    frozen = _freeze(work, len(shape))
+        given = ", ".join(str(list(t.shape)) for t in io.args(example))
+        what = "an input" if len(shapes) == 1 else "inputs"
+        raise SlimError(f"the model fails on {what} of shape {given}: {_first_line(e)}") from None
+    frozen = _freeze(work, [len(s) for s in shapes])
     gm = Lifter(frozen).run()
     _fence_reshapes(gm, example)
     modularize(gm, example)
-    for name in [k for k in gm._modules if k != "m"]:
-        if _drop_empty(gm._modules[name]):  # type: ignore[arg-type]
-            del gm._modules[name]
     gm.eval()
     # the op-level graph (before modularize) localises a parity failure; only built if one happens
     check_parity(runner, gm, example, stage="import", reference=lambda: Lifter(frozen).run())
     # "unprunable": module path -> why; the pruner must leave every group containing one whole.
     meta: dict[str, Any] = {"unprunable": unprunable_layers(gm), "forward_schema": str(original.forward.schema)}
-    return Imported(module=gm, fmt="torchscript", original=runner, input_shape=shape,
-                    input_name=str(gm.graph.find_nodes(op="placeholder")[0].target), dynamic_batch=True,
-                    meta=meta)
+    names = tuple(str(p.target) for p in gm.graph.find_nodes(op="placeholder"))
+    return Imported(module=gm, fmt="torchscript", original=runner, input_shape=shapes[0], input_name=names[0],
+                    dynamic_batch=True, meta=meta, input_shapes=shapes, input_names=names)

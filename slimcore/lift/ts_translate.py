@@ -21,7 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import UnsupportedModel
-from .modularize import mutates
+from .modularize import CONSTANTS, constant_path, mutates
 
 aten = torch.ops.aten
 
@@ -87,6 +87,15 @@ def _unsupported(n: torch._C.Node, why: str = "") -> UnsupportedModel:
                             + (f": {why}" if why else ""))
 
 
+def _all_nodes(res: Any) -> bool:
+    """True for an fx node or a non-empty tuple/list/dict (string keys) of them: a returnable output."""
+    if isinstance(res, fx.Node):
+        return True
+    if isinstance(res, dict):
+        return bool(res) and all(isinstance(k, str) for k in res) and all(_all_nodes(v) for v in res.values())
+    return isinstance(res, list | tuple) and bool(res) and all(_all_nodes(v) for v in res)
+
+
 class Lifter:
     """Walks one frozen TorchScript graph and emits the equivalent fx graph on a fresh root module."""
 
@@ -105,18 +114,23 @@ class Lifter:
     def run(self) -> fx.GraphModule:
         this, *inputs = list(self.ts.inputs())
         self.env[this.unique()] = _ModRef(self.module, "self")
-        if len(inputs) != 1 or inputs[0].type().kind() != "TensorType":
+        if not inputs or any(v.type().kind() != "TensorType" for v in inputs):
             sig = ", ".join(f"{v.debugName()}: {v.type()}" for v in inputs)
-            raise UnsupportedModel(f"forward({sig}) must take exactly one tensor input")
-        name = re.sub(r"\W", "_", inputs[0].debugName().split(".")[0])
-        ok = name and not name[0].isdigit() and not keyword.iskeyword(name)
-        self.env[inputs[0].unique()] = self.g.placeholder(name if ok else "x")
+            raise UnsupportedModel(f"forward({sig}) must take tensor inputs only")
+        taken: set[str] = set()
+        for i, v in enumerate(inputs):
+            name = re.sub(r"\W", "_", v.debugName().split(".")[0])
+            ok = name and not name[0].isdigit() and not keyword.iskeyword(name) and name not in taken
+            name = name if ok else ("x" if len(inputs) == 1 else f"x{i}")
+            taken.add(name)
+            self.env[v.unique()] = self.g.placeholder(name)
         self._block(self.ts.block())
         outs = list(self.ts.outputs())
         res = self._get(outs[0]) if len(outs) == 1 else None
-        if not isinstance(res, fx.Node) or outs[0].type().kind() != "TensorType":
+        if not _all_nodes(res):
             kinds = ", ".join(str(o.type()) for o in outs)
-            raise UnsupportedModel(f"forward returns {kinds}; only a single tensor output is supported")
+            raise UnsupportedModel(f"forward returns {kinds}; supported: a tensor, or a tuple, list or dict of "
+                                   "tensors")
         self.g.output(res)
         gm = fx.GraphModule(self.root, self.g, class_name="LiftedTorchScript")
         gm.graph.eliminate_dead_code(is_impure_node=mutates)
@@ -142,11 +156,13 @@ class Lifter:
         return val
 
     def _install(self, path: str, t: torch.Tensor) -> str:
-        """Register ``t`` under its source attribute path (``self.layer1.0.conv1.weight``) if free."""
+        """Register ``t`` under ``consts.`` + its source attribute path (``self.layer1.0.conv1.weight``) if free."""
         parts = path.split(".")[1:] if path.startswith("self.") else []
-        if parts and parts[0] == "m":
-            parts[0] = "m_"  # gm.m is where modularize puts the modules
-        owner = self.root
+        holder = self.root._modules.get(CONSTANTS)
+        if holder is None:
+            holder = nn.Module()
+            self.root.add_module(CONSTANTS, holder)
+        owner = holder
         try:
             for p in parts[:-1]:
                 if p not in owner._modules:
@@ -157,12 +173,12 @@ class Lifter:
                     owner.register_parameter(parts[-1], nn.Parameter(t))
                 else:
                     owner.register_buffer(parts[-1], t)
-                return ".".join(parts)
+                return constant_path(".".join(parts))
         except (KeyError, TypeError):  # a name nn.Module reserves or that is not an identifier
             pass
-        name = next(f"const_{i}" for i in range(len(self.attrs) + 2) if not hasattr(self.root, f"const_{i}"))
-        self.root.register_buffer(name, t)
-        return name
+        name = next(f"const_{i}" for i in range(len(self.attrs) + 2) if not hasattr(holder, f"const_{i}"))
+        holder.register_buffer(name, t)
+        return constant_path(name)
 
     def _bind(self, n: torch._C.Node, result: Any) -> None:
         outs = list(n.outputs())
@@ -194,6 +210,9 @@ class Lifter:
             elif kind in ("prim::ListConstruct", "prim::TupleConstruct"):
                 items = [self._get(v) for v in n.inputs()]
                 self._bind(n, items if kind == "prim::ListConstruct" else tuple(items))
+            elif kind == "prim::DictConstruct":  # outputs such as {"out": ..., "aux": ...}
+                items = [self._get(v) for v in n.inputs()]
+                self._bind(n, dict(zip(items[::2], items[1::2], strict=True)))
             elif kind in ("prim::ListUnpack", "prim::TupleUnpack"):
                 self._unpack(n)
             elif kind in ("prim::unchecked_cast", "aten::detach", "prim::data"):

@@ -35,7 +35,7 @@ class MethodContext:
     # An input batch (the pipeline's ``example``): ISTA measures feature-map sizes from it, and prepare()
     # reports how much its rewrite changed the outputs. Optional: without it ISTA measures on the first
     # training forward.
-    example: torch.Tensor | None = None
+    example: Any = None  # one input batch, a tensor or a tuple (slimcore.io.Inputs)
 
 
 class Method:

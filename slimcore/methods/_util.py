@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .. import io
 from ..groups import CONV_TYPES, ChannelGroup, GroupSet
 
 BN = nn.modules.batchnorm._BatchNorm
@@ -165,22 +166,24 @@ def flip_negative(model: nn.Module, bns: list[BN]) -> int:
 
 
 @torch.no_grad()
-def eval_forward(model: nn.Module, example: torch.Tensor) -> torch.Tensor:
-    """One eval-mode forward (running statistics untouched) on the model's device."""
+def eval_forward(model: nn.Module, example: io.Inputs) -> object:
+    """One eval-mode forward (running statistics untouched) on the model's device; any output structure."""
     was = model.training
     model.eval()
+    dev = next(model.parameters()).device
     try:
-        return model(example.to(next(model.parameters()).device))
+        return io.call(model, io.apply(example, lambda t: t.to(dev)))
     finally:
         model.train(was)
 
 
 @torch.no_grad()
-def output_change(model: nn.Module, example: torch.Tensor | None, fn: Callable[[], object]) -> float | None:
-    """Run ``fn`` (a rewrite) and return the largest eval-mode output change it caused on ``example``."""
+def output_change(model: nn.Module, example: io.Inputs | None, fn: Callable[[], object]) -> float | None:
+    """Run ``fn`` (a rewrite) and return the largest eval-mode output change it caused on ``example``
+    (over every output)."""
     if example is None:
         fn()
         return None
     before = eval_forward(model, example)
     fn()
-    return float((eval_forward(model, example) - before).abs().max())
+    return io.max_abs_diff(eval_forward(model, example), before)

@@ -1,0 +1,65 @@
+"""Small conv-BN models with several inputs or structured outputs, shaped like the real ones users upload:
+torchvision segmentation (``{"out", "aux"}``), ultralytics YOLO in eval (``(tensor, [tensor, ...])``), and a
+two-input network. Each runs in milliseconds so the front-door tests stay seconds long.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tests.zoo import randomize_bn
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class SegNet(nn.Module):
+    """Like torchvision's FCN/DeepLab/LRASPP: ``{"out": (N, 3, H, W), "aux": (N, 3, H, W)}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b1, self.b2 = _block(3, 16), _block(16, 16)
+        self.head, self.aux = nn.Conv2d(16, 3, 1), nn.Conv2d(16, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        f1 = self.b1(x)
+        f2 = self.b2(f1)
+        return {"out": self.head(f2), "aux": self.aux(f1)}
+
+
+class DetectNet(nn.Module):
+    """Like YOLO in eval: ``(decoded (N, 7, A), [raw stride-1 map, raw stride-2 map])``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b1, self.b2 = _block(3, 16), _block(16, 16)
+        self.down = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU())
+        self.p1, self.p2 = nn.Conv2d(16, 7, 1), nn.Conv2d(16, 7, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        f = self.b2(self.b1(x))
+        a, b = self.p1(f), self.p2(self.down(f))
+        decoded = torch.cat([a.flatten(2), b.flatten(2)], 2).sigmoid()
+        return decoded, [a, b]
+
+
+class TwoInputNet(nn.Module):
+    """An image and a second map (e.g. depth) fused: ``forward(image, depth) -> (N, classes)``."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.img, self.depth = _block(3, 16), _block(1, 8)
+        self.fuse = _block(24, 16)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, image: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+        f = self.fuse(torch.cat([self.img(image), self.depth(depth)], 1))
+        return self.fc(f.mean((2, 3)))
+
+
+def make(cls: type[nn.Module], seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return randomize_bn(cls(), seed).eval()
