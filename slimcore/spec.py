@@ -8,9 +8,22 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 METHOD_NAMES = ("l1", "group_lasso", "ista", "receding", "polarization")
+
+
+def _has_bool(v: Any) -> bool:
+    return isinstance(v, bool) or (isinstance(v, list) and any(_has_bool(x) for x in v))
 
 
 class _Strict(BaseModel):
@@ -25,7 +38,7 @@ class _Strict(BaseModel):
             if v is not None and not isinstance(v, bool):
                 raise ValueError("must be true or false")
             return v
-        if isinstance(v, bool) or (isinstance(v, list) and any(isinstance(x, bool) for x in v)):
+        if _has_bool(v):
             raise ValueError("a boolean is not a number here")
         return v
 
@@ -96,7 +109,10 @@ class JobSpec(_Strict):
         description="e.g. [1, 3, 32, 32]; required for TorchScript; batch is never pinned. A shape above "
                     "SLIM_MAX_INPUT_ELEMENTS elements fails the job (422) before anything is allocated",
     )
-    input_shapes: list[list[Annotated[int, Field(ge=1, le=65_536)]]] | None = Field(
+    input_shapes: list[Annotated[list[Annotated[int, Field(ge=1, le=65_536)]],
+                                 WithJsonSchema({"type": "array", "minItems": 2, "maxItems": 5,
+                                                 "items": {"type": "integer", "minimum": 1, "maximum": 65_536}})]] \
+        | None = Field(
         default=None, min_length=1, max_length=64,
         description="one shape per model input, in forward order, for models with several inputs "
                     "(e.g. [[1, 3, 32, 32], [1, 1, 32, 32]]); instead of input_shape")

@@ -27,7 +27,10 @@ def test_schemathesis_all_checks_clean(tmp_path: Path, keys: bool):
     try:
         svc.start_api()
         exe = str(Path(sys.executable).with_name("schemathesis"))
-        args = [exe, "run", f"{svc.url}/openapi.json", "--checks", "all", "--max-examples", "10", "--seed", "1"]
+        # every check but positive_data_acceptance: JSON Schema cannot say that input_shapes must share their
+        # batch size, so a generated [[1, 2], [3, 4]] is "valid" yet rightly refused (the one rule left out)
+        args = [exe, "run", f"{svc.url}/openapi.json", "--checks", "all", "--exclude-checks",
+                "positive_data_acceptance", "--max-examples", "10", "--seed", "1"]
         if keys:
             args += ["-H", f"Authorization: Bearer {KEY}"]
         r = subprocess.run(args, capture_output=True, text=True, timeout=600)
