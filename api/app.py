@@ -17,12 +17,14 @@ from slimcore.spec import JobSpec
 
 from . import dashboard, system
 from .auth import InsecureBindError, check_bind
+from .counters import read_counters
 from .db import init_db, make_engine, make_session_factory
 from .jobs import endpoints as jobs_endpoints
 from .jobs.repository import JobRepository
 from .jobs.schemas import Problem
 from .jobs.service import JobService
 from .metrics import LatencyMiddleware, Metrics
+from .openapi import make_truthful
 from .problems import install_problem_handlers
 from .queue import make_celery, prepare_broker
 from .settings import Settings, get_settings
@@ -60,7 +62,7 @@ def create_app(settings: Settings | None = None, *, host: str | None = None) -> 
     app = FastAPI(title="slim", version="1", description=DESCRIPTION, lifespan=lifespan, docs_url="/docs")
     app.state.settings = settings
     app.state.jobs = JobService(settings, repo, store, celery)
-    app.state.metrics = Metrics(repo.count_by_status)
+    app.state.metrics = Metrics(repo.count_by_status, lambda: read_counters(repo.sessions))
     install_problem_handlers(app)
     app.include_router(system.router)
     app.include_router(dashboard.router)
@@ -88,4 +90,4 @@ def _openapi_with_spec(app: FastAPI) -> dict[str, Any]:
         doc = model.model_json_schema(ref_template="#/components/schemas/{model}")
         components.update(doc.pop("$defs", {}))
         components[model.__name__] = doc
-    return schema
+    return make_truthful(schema, app.state.settings)

@@ -12,11 +12,13 @@ import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .counters import DROPPED, requeued
 from .jobs.models import QUEUED, STATUSES
+from .redispatch import REASONS
 
 log = logging.getLogger("slim.api")
 
@@ -39,10 +41,35 @@ class JobCollector(Collector):
                                 value=counts.get(QUEUED, 0))
 
 
+class DeliveryCollector(Collector):
+    """Re-sent messages by reason and dropped deliveries, counted by the workers in the database."""
+
+    def __init__(self, read_counters: Callable[[], dict[str, int]]) -> None:
+        self._read = read_counters
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        try:
+            values = self._read()
+        except Exception:
+            log.exception("could not read the delivery counters for /metrics")
+            return
+        sent = CounterMetricFamily("slim_requeues", "Job messages re-sent by the reconciler, by reason "
+                                   "(heartbeat, message-lost, dispatch-timeout)", labels=["reason"])
+        for reason in REASONS:
+            sent.add_metric([reason], values.get(requeued(reason), 0))
+        yield sent
+        yield CounterMetricFamily("slim_deliveries_dropped", "Deliveries a worker dropped because the job "
+                                  "could not be claimed (duplicates, or finished meanwhile)",
+                                  value=values.get(DROPPED, 0))
+
+
 class Metrics:
-    def __init__(self, count_by_status: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, count_by_status: Callable[[], dict[str, int]],
+                 read_counters: Callable[[], dict[str, int]] | None = None) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(JobCollector(count_by_status))
+        if read_counters is not None:
+            self.registry.register(DeliveryCollector(read_counters))
         self.latency = Histogram(
             "slim_http_request_duration_seconds", "HTTP request latency by route template",
             ["method", "route", "status"], registry=self.registry,

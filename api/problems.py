@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_PREFIX = "urn:slim:problem:"
@@ -56,13 +57,26 @@ async def _on_problem(_request: Request, exc: Exception) -> JSONResponse:
     return problem_response(exc.body, exc.headers)
 
 
-async def _on_http(_request: Request, exc: Exception) -> JSONResponse:
+async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     kind = _HTTP_KINDS.get(exc.status_code, f"http-{exc.status_code}")
     detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
     if exc.status_code == 404 and detail == "Not Found":
         detail = "no such resource"
-    return problem_response(problem(exc.status_code, kind, detail), dict(exc.headers or {}))
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(allowed_methods(request))
+    return problem_response(problem(exc.status_code, kind, detail), headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path: Starlette's own ``Allow`` names only the first route
+    that matched the path (``OPTIONS /jobs`` said ``POST`` though ``GET /jobs`` exists too)."""
+    routes = request.app.router.routes  # asked per method: FastAPI's included routers hide their routes
+    return [m for m in _METHODS if any(r.matches({**request.scope, "method": m})[0] == Match.FULL for r in routes)]
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 def _loc(loc: tuple[Any, ...] | list[Any]) -> str:

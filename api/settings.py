@@ -21,6 +21,7 @@ from typing import Any
 VISIBILITY_TIMEOUT_S = 24 * 3600
 
 DEFAULT_MAX_UPLOAD_BYTES = 2 * 1024**3
+DEFAULT_DISPATCH_TIMEOUT_S = 3600.0
 
 
 class SettingsError(ValueError):
@@ -96,6 +97,9 @@ class Settings:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     max_attempts: int = 3
     heartbeat_timeout_s: float = 120.0
+    #: How long a queued job's message may go unseen before it is re-sent, on brokers that cannot be
+    #: inspected (see ``api.redispatch``); long, because waiting in a queue is not losing.
+    dispatch_timeout_s: float = DEFAULT_DISPATCH_TIMEOUT_S
 
     @property
     def auth_enabled(self) -> bool:
@@ -126,6 +130,7 @@ class Settings:
             max_upload_bytes=_int(env, "SLIM_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES),
             max_attempts=_int(env, "SLIM_MAX_ATTEMPTS", 3),
             heartbeat_timeout_s=_float(env, "SLIM_HEARTBEAT_TIMEOUT_S", 120.0),
+            dispatch_timeout_s=_float(env, "SLIM_DISPATCH_TIMEOUT_S", DEFAULT_DISPATCH_TIMEOUT_S),
         )
 
 

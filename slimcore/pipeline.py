@@ -30,6 +30,7 @@ from .measure import count_flops, count_params, cpu_latency_ms
 from .methods import METHODS, MethodContext
 from .prune import apply, plan
 from .report import ReportBuilder, gamma_snapshot, layer_table
+from .shape_limits import data_sample_shape, peek_npz_sample_shape
 from .spec import JobSpec
 from .strength import choose_strength
 from .train import device_of, evaluate, fit
@@ -92,7 +93,8 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     ck = checkpoints.load() if checkpoints is not None else None
     say("importing", 0.0, {"resumed_from": f"{ck['phase']}:{ck['epoch']}"} if ck else {})
     say("importing", 0.1, {"step": "lifting the model graph"})
-    imported = import_model(model_path, spec, workdir)
+    with data_sample_shape(peek_npz_sample_shape(data_path)):  # checked before the importer allocates
+        imported = import_model(model_path, spec, workdir)
     model = imported.module
     say("importing", 0.4, {"step": "reading the data"})
     data = load_dataset(data_path, task=spec.task, input_shape=imported.input_shapes, seed=spec.seed,

@@ -8,13 +8,39 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 METHOD_NAMES = ("l1", "group_lasso", "ista", "receding", "polarization")
 
 
+def _has_bool(v: Any) -> bool:
+    return isinstance(v, bool) or (isinstance(v, list) and any(_has_bool(x) for x in v))
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_as_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        """JSON ``true`` is not the number 1, nor ``0`` false (pydantic's lax mode would take both): the schema
+        says number, or boolean, and the service must answer as it says."""
+        if "bool" in str(cls.model_fields[info.field_name or ""].annotation):
+            if v is not None and not isinstance(v, bool):
+                raise ValueError("must be true or false")
+            return v
+        if _has_bool(v):
+            raise ValueError("a boolean is not a number here")
+        return v
 
 
 class MethodSpec(_Strict):
@@ -54,6 +80,11 @@ class PruneSpec(_Strict):
     parameters; ``threshold``: remove channels whose importance (|γ|) is below ``amount``.
     """
 
+    # the rule of ``_fraction`` in the JSON Schema too, so the OpenAPI document says what is refused
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
+        {"properties": {"target": {"const": "threshold"}}, "required": ["target"]},
+        {"properties": {"amount": {"exclusiveMinimum": 0, "exclusiveMaximum": 1}}}]})
+
     target: Literal["channels", "flops", "params", "threshold"] = "channels"
     amount: Annotated[float, Field(ge=0)] = 0.5
     min_channels: Annotated[int, Field(ge=1)] = 4
@@ -74,9 +105,14 @@ class ExportSpec(_Strict):
 class JobSpec(_Strict):
     version: Literal[1] = 1
     input_shape: list[Annotated[int, Field(ge=1, le=65_536)]] | None = Field(
-        default=None, description="e.g. [1, 3, 32, 32]; required for TorchScript; batch is never pinned"
+        default=None, json_schema_extra={"minItems": 2, "maxItems": 5},
+        description="e.g. [1, 3, 32, 32]; required for TorchScript; batch is never pinned. A shape above "
+                    "SLIM_MAX_INPUT_ELEMENTS elements fails the job (422) before anything is allocated",
     )
-    input_shapes: list[list[Annotated[int, Field(ge=1, le=65_536)]]] | None = Field(
+    input_shapes: list[Annotated[list[Annotated[int, Field(ge=1, le=65_536)]],
+                                 WithJsonSchema({"type": "array", "minItems": 2, "maxItems": 5,
+                                                 "items": {"type": "integer", "minimum": 1, "maximum": 65_536}})]] \
+        | None = Field(
         default=None, min_length=1, max_length=64,
         description="one shape per model input, in forward order, for models with several inputs "
                     "(e.g. [[1, 3, 32, 32], [1, 1, 32, 32]]); instead of input_shape")

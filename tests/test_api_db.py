@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -55,16 +54,32 @@ def database_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
+class FakeClock:
+    """A clock the test moves by hand: staleness is decided by the rows' times, never by how fast a loaded
+    machine runs the test (0.1 s margins failed in CI while other work ran)."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
 @pytest.fixture
 def repo(database_url: str) -> Iterator[JobRepository]:
     engine = make_engine(normalize_database_url(database_url))
     init_db(engine)
-    yield JobRepository(make_session_factory(engine), heartbeat_timeout_s=60)
+    yield JobRepository(make_session_factory(engine), heartbeat_timeout_s=60, clock=FakeClock())
     engine.dispose()
 
 
 def add_job(repo: JobRepository, **fields: object) -> str:
-    now = utcnow()
+    now = repo.clock()
+    if isinstance(repo.clock, FakeClock):
+        repo.clock.advance(0.001)  # distinct creation times, as real submissions have
     values: dict[str, object] = dict(
         id=uuid.uuid4().hex, owner="", spec={"version": 1}, model_sha256="a" * 64, dataset_sha256="b" * 64,
         request_hash="c" * 64, created_at=now, updated_at=now, status="queued", progress=0.0, metrics={},
@@ -108,17 +123,17 @@ def test_concurrent_claims_have_one_winner(repo: JobRepository):
 def test_dead_worker_is_taken_over_after_heartbeat_timeout(repo: JobRepository):
     jid = add_job(repo)
     assert repo.claim_job(jid, "w1", 3) is not None
-    repo.heartbeat_timeout_s = 0.05
-    time.sleep(0.1)
+    repo.clock.advance(59)
+    assert repo.claim_job(jid, "w2", 3) is None  # still alive
+    repo.clock.advance(2)
     job = repo.claim_job(jid, "w2", 3)
     assert job is not None and job.worker == "w2" and job.attempts == 2
 
 
 def test_attempts_cap_fails_the_job(repo: JobRepository):
-    repo.heartbeat_timeout_s = 0.05
     jid = add_job(repo)
     assert repo.claim_job(jid, "w1", max_attempts=1) is not None
-    time.sleep(0.1)
+    repo.clock.advance(61)
     assert repo.claim_job(jid, "w2", max_attempts=1) is None
     job = repo.get_job(jid)
     assert job.status == "failed" and job.attempts == 1
@@ -150,11 +165,10 @@ def test_cancel_of_a_running_job_is_a_request_the_worker_sees(repo: JobRepositor
 
 
 def test_dead_worker_with_cancel_requested_ends_canceled(repo: JobRepository):
-    repo.heartbeat_timeout_s = 0.05
     jid = add_job(repo)
     repo.claim_job(jid, "w1", 3)
     repo.request_cancel(jid)
-    time.sleep(0.1)
+    repo.clock.advance(61)
     assert repo.claim_job(jid, "w2", 3) is None
     assert repo.get_job(jid).status == "canceled"
 
@@ -163,7 +177,7 @@ def test_progress_heartbeat_and_finish_only_while_running(repo: JobRepository):
     jid = add_job(repo)
     assert not repo.update_progress(jid, "importing", 0.1, {"x": 1})  # not claimed yet
     first = repo.claim_job(jid, "w", 3).heartbeat_at
-    time.sleep(0.01)
+    repo.clock.advance(1)
     assert repo.update_progress(jid, "sparse_training", 1.7, {"epoch": 2, "loss": 0.5})
     job = repo.get_job(jid)
     assert (job.phase, job.progress, job.metrics) == ("sparse_training", 1.0, {"epoch": 2, "loss": 0.5})
@@ -197,15 +211,15 @@ def test_stale_jobs_and_requeue_marking(repo: JobRepository):
     repo.claim_job(running, "w", 3)
     repo.claim_job(done, "w", 3)
     repo.finish_job(done, "succeeded")
-    time.sleep(0.15)
+    repo.clock.advance(15)
     repo.claim_job(fresh, "w", 3)  # heartbeat just now
-    stale = {j.id for j in repo.stale_jobs(0.1)}
+    stale = {j.id for j in repo.stale_jobs(10)}
     assert stale == {queued, running}
     assert {j.id for j in repo.stale_jobs(60)} == set()
     assert repo.mark_requeued(queued) and repo.mark_requeued(running) and not repo.mark_requeued(done)
-    assert repo.stale_jobs(0.1) == []  # just re-enqueued: not reported again until another timeout
-    time.sleep(0.15)
-    assert {j.id for j in repo.stale_jobs(0.1)} == {queued, running, fresh}
+    assert repo.stale_jobs(10) == []  # just re-enqueued: not reported again until another timeout
+    repo.clock.advance(15)
+    assert {j.id for j in repo.stale_jobs(10)} == {queued, running, fresh}
 
 
 def test_idempotency_key_is_unique_per_owner(repo: JobRepository):

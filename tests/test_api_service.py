@@ -106,19 +106,39 @@ def test_storage_works_on_a_non_local_fsspec_url():
     assert not store.exists(jid, "report.json")
 
 
-def test_requeue_stale_sends_lost_jobs_again(tmp_path: Path):
+def test_requeue_stale_sends_only_lost_messages_and_counts_them(tmp_path: Path):
+    """A waiting message is never re-sent; a lost one once; /metrics shows re-sends and dropped deliveries.
+
+    The 0.05 s timeouts are only ever waited *past* (0.2 s sleeps), so a slow machine cannot fail this.
+    """
     from fastapi.testclient import TestClient
 
-    settings = settings_for(tmp_path, SLIM_HEARTBEAT_TIMEOUT_S="0.05")
+    from worker.runner import run
+    from worker.store import JobStore
+
+    settings = settings_for(tmp_path, SLIM_HEARTBEAT_TIMEOUT_S="0.05", SLIM_DISPATCH_TIMEOUT_S="0.05")
     with TestClient(create_app(settings)) as client:
         r = client.post("/jobs", files={"model": ("m", b"m"), "dataset": ("d", b"d")}, data={"spec": "{}"})
         jid = r.json()["id"]
-        time.sleep(0.1)
+        time.sleep(0.2)
         service = client.app.state.jobs
-        assert service.requeue_stale() == [jid]
-        assert service.requeue_stale() == []  # not again until another timeout passes
         queue = Path(settings.broker_transport_options["data_folder_out"])
-        assert len(list(queue.glob("*.msg"))) == 2
+        assert service.requeue_stale() == [] and service.requeue_stale() == []  # its message waits
+        (msg,) = queue.glob("*.msg")
+        msg.unlink()  # taken by a worker that died before claiming the job
+        assert service.requeue_stale() == []  # missing once: a worker may be about to claim it
+        assert service.requeue_stale() == [jid]
+        time.sleep(0.2)
+        assert service.requeue_stale() == []  # the new message waits in the folder
+        assert len(list(queue.glob("*.msg"))) == 1
+        assert client.post(f"/jobs/{jid}/cancel").status_code == 202
+        store = JobStore(settings, service.repo, service.store)
+        assert run(jid, store) == "skipped" and run(jid, store) == "skipped"  # the duplicates, dropped
+        metrics = client.get("/metrics").text
+    assert 'slim_requeues_total{reason="dispatch-timeout"} 1.0' in metrics
+    assert 'slim_requeues_total{reason="message-lost"} 0.0' in metrics
+    assert 'slim_requeues_total{reason="heartbeat"} 0.0' in metrics
+    assert "slim_deliveries_dropped_total 2.0" in metrics
 
 
 def test_openapi_points_the_spec_part_at_jobspec(tmp_path: Path):

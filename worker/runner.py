@@ -88,7 +88,12 @@ def run(job_id: str, store: JobStore, *, worker_name: str | None = None, device:
     worker_name = worker_name or f"{socket.gethostname()}:{os.getpid()}"
     job = store.claim(job_id, worker_name)
     if job is None:
-        log.info("job %s not claimable (finished, canceled, live elsewhere or out of attempts)", job_id)
+        log.info("job %s not claimable (finished, canceled, live elsewhere or out of attempts): delivery dropped",
+                 job_id)
+        try:
+            store.count_dropped()
+        except Exception:  # a counter must never turn a dropped duplicate into a failed task
+            log.exception("could not count the dropped delivery of %s", job_id)
         return "skipped"
     scratch = Path(tempfile.mkdtemp(prefix=f"slim-{job_id}-"))
     last = {"t": 0.0, "phase": ""}

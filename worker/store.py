@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from api import counters
 from api.db import init_db, make_engine
 from api.jobs.repository import JobRepository
 from api.settings import Settings, get_settings
@@ -99,5 +100,6 @@ class JobStore:
         # put_stream writes to a temporary name and renames on commit: a crash never leaves half a file
         self.artifacts.put_stream(job_id, CHECKPOINT, [data])
 
-    def stale_job_ids(self) -> list[str]:
-        return [j.id for j in self.repo.stale_jobs(self.heartbeat_timeout) if self.repo.mark_requeued(j.id)]
+    def count_dropped(self) -> None:
+        """A delivery for a job that could not be claimed (a duplicate, or finished meanwhile)."""
+        counters.bump(self.repo.sessions, counters.DROPPED)

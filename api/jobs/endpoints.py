@@ -16,7 +16,7 @@ from ..auth import Owner
 from ..problems import ProblemError
 from .report_html import CSP, render_report
 from .schemas import JobList, JobRecord
-from .service import JobService
+from .service import CURSOR_PATTERN, IDEMPOTENCY_KEY_MAX, MAX_MODEL_FILES, JobService
 
 
 def get_service(request: Request) -> JobService:
@@ -42,13 +42,19 @@ _SUBMIT_BODY = {
             "schema": {
                 "type": "object",
                 "required": ["model", "spec", "dataset"],
+                # the parser refuses any other part with a 422 (``api.uploads``)
+                "additionalProperties": False,
                 "properties": {
-                    "model": {"type": "string", "format": "binary",
-                              "description": "TorchScript, ONNX or torch.export (.pt2) file; an ONNX model with "
-                                             "external data: repeat this field for the .onnx and each data file, "
-                                             "or send one .zip/.tar.gz bundle of them"},
+                    # One part as far as the schema goes: the extra parts of an ONNX model with external data
+                    # must carry distinct file names and be one .onnx plus its data files, which JSON Schema
+                    # cannot say, so a generated array of them would be "valid" yet refused.
+                    "model": {"type": "string", "format": "binary", "minLength": 1,
+                              "description": "TorchScript, ONNX or torch.export (.pt2) file. An ONNX model with "
+                                             f"external data: repeat this part (up to {MAX_MODEL_FILES}) for the "
+                                             ".onnx and each data file, under their own file names, or send one "
+                                             ".zip/.tar.gz bundle of them"},
                     "spec": {"$ref": "#/components/schemas/JobSpec"},
-                    "dataset": {"type": "string", "format": "binary",
+                    "dataset": {"type": "string", "format": "binary", "minLength": 1,
                                 "description": ".npz, or an ImageFolder .zip / .tar.gz"},
                 },
             },
@@ -70,7 +76,8 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], responses=problems(401))
 )
 async def create_job(
     request: Request, owner: Owner, service: Service,
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+    idempotency_key: Annotated[str | None, Header(
+        alias="Idempotency-Key", json_schema_extra={"minLength": 1, "maxLength": IDEMPOTENCY_KEY_MAX})] = None,
 ) -> JSONResponse:
     job, replayed = await service.submit(request, owner, idempotency_key)
     headers = {"Location": f"{request.scope.get('root_path', '')}/jobs/{job.id}"}
@@ -86,7 +93,9 @@ def list_jobs(
     owner: Owner, service: Service,
     status: Annotated[str | None, Query(description="one status or several, comma-separated")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    cursor: Annotated[str | None, Query(description="`next` of the previous page")] = None,
+    cursor: Annotated[str | None, Query(
+        description="opaque: the `next` of the previous page, passed back unchanged; a value not of this "
+                    "shape is a 422 problem", json_schema_extra={"pattern": f"^({CURSOR_PATTERN[1:-1]})?$"})] = None,
 ) -> JobList:
     rows, nxt = service.list_jobs(owner, status, limit, cursor)
     return JobList(items=[JobRecord.of(j) for j in rows], next=nxt)

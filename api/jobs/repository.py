@@ -11,7 +11,7 @@ to well within ``heartbeat_timeout_s``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -29,12 +29,15 @@ class JobRepository:
     """Job persistence over a session factory (see ``api.db.session_factory_from_settings``).
 
     ``heartbeat_timeout_s`` is how long a running job may go without a heartbeat before
-    :meth:`claim_job` treats its worker as dead and lets another take the job over.
+    :meth:`claim_job` treats its worker as dead and lets another take the job over. ``clock`` gives
+    every time this repository writes or compares, so tests move time instead of sleeping.
     """
 
-    def __init__(self, sessions: sessionmaker[Session], heartbeat_timeout_s: float = 120.0) -> None:
+    def __init__(self, sessions: sessionmaker[Session], heartbeat_timeout_s: float = 120.0,
+                 clock: Callable[[], datetime] = utcnow) -> None:
         self.sessions = sessions
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.clock = clock
 
     @classmethod
     def from_settings(cls, settings: Settings) -> JobRepository:
@@ -59,7 +62,7 @@ class JobRepository:
         ``canceled``; one that has used ``max_attempts`` becomes ``failed``. Finished jobs and jobs
         held by a live worker are left alone.
         """
-        now = utcnow()
+        now = self.clock()
         claimable = self._claimable(now)
         with self.sessions.begin() as s:
             claimed = s.execute(
@@ -94,7 +97,7 @@ class JobRepository:
         """
         if phase is not None and phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}; one of {PHASES}")
-        now = utcnow()
+        now = self.clock()
         values: dict[str, Any] = {"progress": min(max(float(progress), 0.0), 1.0), "heartbeat_at": now,
                                   "updated_at": now}
         if phase is not None:
@@ -105,14 +108,14 @@ class JobRepository:
 
     def heartbeat(self, id: str) -> bool:
         """Prove the worker is alive; False if the job is no longer running (stop working on it)."""
-        return self._set(id, Job.status == RUNNING, heartbeat_at=utcnow())
+        return self._set(id, Job.status == RUNNING, heartbeat_at=self.clock())
 
     def finish_job(self, id: str, status: str, summary: dict[str, Any] | None = None,
                    error: dict[str, Any] | None = None) -> bool:
         """Move the job to a final status; False (and no change) if it had already finished."""
         if status not in TERMINAL:
             raise ValueError(f"finish_job needs one of {sorted(TERMINAL)}, got {status!r}")
-        values: dict[str, Any] = {"status": status, "summary": summary, "error": error, "updated_at": utcnow()}
+        values: dict[str, Any] = {"status": status, "summary": summary, "error": error, "updated_at": self.clock()}
         if status == SUCCEEDED:
             values["progress"] = 1.0
         return self._set(id, Job.status.not_in(TERMINAL), **values)
@@ -130,7 +133,7 @@ class JobRepository:
         ``timeout_s``. Both also require ``updated_at`` to be that old, so a job already re-enqueued
         through :meth:`mark_requeued` is not reported again until another timeout passes.
         """
-        cutoff = utcnow() - timedelta(seconds=timeout_s)
+        cutoff = self.clock() - timedelta(seconds=timeout_s)
         dead = and_(Job.status == RUNNING, or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff))
         waiting = Job.status == QUEUED
         with self.sessions() as s:
@@ -138,9 +141,17 @@ class JobRepository:
                              .order_by(Job.created_at, Job.id))
             return list(rows)
 
-    def mark_requeued(self, id: str) -> bool:
-        """Note that a fresh message was sent for the job (see :meth:`stale_jobs`)."""
-        return self._set(id, Job.status.in_((QUEUED, RUNNING)), updated_at=utcnow())
+    def mark_requeued(self, id: str, seen_updated_at: datetime | None = None) -> bool:
+        """Note that a fresh message is being sent for the job (see :meth:`stale_jobs`).
+
+        With ``seen_updated_at`` (the row's ``updated_at`` when it was found stale) it is a
+        compare-and-set: of several reconcilers that found the same job only one wins and sends.
+        For a queued job ``updated_at`` is therefore the time its latest message was sent.
+        """
+        condition = Job.status.in_((QUEUED, RUNNING))
+        if seen_updated_at is not None:
+            condition = and_(condition, Job.updated_at == seen_updated_at)
+        return self._set(id, condition, updated_at=self.clock())
 
     # -- API side ----------------------------------------------------------------------------------
 
@@ -191,7 +202,7 @@ class JobRepository:
         """Cancel: ``canceled`` (was queued, now final), ``requested`` (running; the worker stops it) or
         ``finished`` (too late). Retries when the job moves between our read and write."""
         for _ in range(5):
-            now = utcnow()
+            now = self.clock()
             if self._set(id, Job.status == QUEUED, status=CANCELED, cancel_requested=True, updated_at=now):
                 return "canceled"
             if self._set(id, Job.status == RUNNING, cancel_requested=True, updated_at=now):

@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import Celery
@@ -29,6 +29,7 @@ from slimcore.spec import JobSpec, format_validation_error
 from ..db import utcnow
 from ..problems import ProblemError
 from ..queue import enqueue
+from ..redispatch import Redispatcher
 from ..settings import Settings
 from ..storage import JOB_ID, MODEL_FILES, ArtifactStore
 from ..uploads import FormPlan, ReceivedForm, StoredFile, receive_form
@@ -65,13 +66,21 @@ def request_hash(spec: JobSpec, model_sha256: str, dataset_sha256: str) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+#: ``<created_at in µs since 1970>.<job id>``. Opaque to clients, but every string of this shape is a valid
+#: position (a page, maybe empty), so the OpenAPI pattern is the whole truth: anything else is a 422.
+CURSOR_PATTERN = r"^[0-9]{1,16}\.[0-9a-f]{32}$"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return f"{(job.created_at - _EPOCH) // timedelta(microseconds=1)}.{job.id}"
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
+    if re.fullmatch(CURSOR_PATTERN, cursor):
+        micros, job_id = cursor.split(".")
+        return _EPOCH + timedelta(microseconds=int(micros)), job_id
+    try:  # the base64 form earlier versions returned: a client mid-way through a listing keeps paging
         t, i = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         when = datetime.fromisoformat(t)
         if when.tzinfo is None or not isinstance(i, str):
@@ -94,6 +103,7 @@ def parse_statuses(raw: str | None) -> list[str] | None:
 class JobService:
     def __init__(self, settings: Settings, repo: JobRepository, store: ArtifactStore, celery: Celery) -> None:
         self.settings, self.repo, self.store, self.celery = settings, repo, store, celery
+        self._redispatcher = Redispatcher(settings, repo, celery)  # one: it remembers the previous pass
 
     # -- submit ------------------------------------------------------------------------------------
 
@@ -193,13 +203,8 @@ class JobService:
         return job
 
     def requeue_stale(self) -> list[str]:
-        """Send a new message for every job whose message was lost (the filesystem broker never redelivers)."""
-        sent = []
-        for job in self.repo.stale_jobs(self.settings.heartbeat_timeout_s):
-            if self.repo.mark_requeued(job.id):
-                enqueue(job.id, self.celery)
-                sent.append(job.id)
-        return sent
+        """Send a new message for every job whose message or worker was lost (rules: ``api.redispatch``)."""
+        return [job_id for job_id, _ in self._redispatcher.reconcile_once()]
 
     # -- artifacts ---------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import io
 from ..errors import ParityError, SlimError, UnsupportedModel
+from ..shape_limits import check_input_shapes
 from . import IMPORTERS, Imported
 from .modularize import constant_path, modularize, mutates, packet
 from .parity import check_parity
@@ -56,8 +57,9 @@ def import_pt2(path: Path, input_shape: tuple[int, ...] | None) -> Imported:
                         "per input in input_shapes")
     hints = _example_shapes(ep)
     hints = hints if hints is not None and len(hints) == len(x_vals) else None
-    shapes = tuple(_resolve_shape(v, None if given is None else given[i], batch, hints[i] if hints else None)
-                   for i, v in enumerate(x_vals))
+    shapes = check_input_shapes(tuple(_resolve_shape(v, None if given is None else given[i], batch,
+                                                     hints[i] if hints else None) for i, v in enumerate(x_vals)),
+                                "input_shape" if input_shape else "the program's input")
     if batch is not None:
         batch["inputs"] = [i for i, v in enumerate(x_vals) if v.dim() and isinstance(v.shape[0], torch.SymInt)
                            and str(v.shape[0].node.expr) == batch["symbol"]]

@@ -26,6 +26,7 @@ import torch.fx as fx
 from .. import io
 from ..errors import ParityError, SlimError, UnsupportedModel
 from ..external_data import load_external_tensors
+from ..shape_limits import check_input_shapes
 from . import IMPORTERS, Imported
 from .modularize import modularize
 from .onnx_graph import Lifter, lift_graph
@@ -55,7 +56,9 @@ def import_onnx(path: Path, input_shape: tuple[int, ...] | None) -> Imported:
     all_dims = [_dims(i) for i in inputs]
     dims = all_dims[0]
     dynamic = not isinstance(dims[0], int) or dims[0] <= 0 if dims else False
-    shapes = tuple(_resolve_shape(d, None if given is None else given[k], dynamic) for k, d in enumerate(all_dims))
+    shapes = check_input_shapes(tuple(_resolve_shape(d, None if given is None else given[k], dynamic)
+                                      for k, d in enumerate(all_dims)),
+                                "input_shape" if input_shape else "the ONNX model's declared input")
     shape = shapes[0]
     original = OnnxRuntimeModel(path, [i.name for i in inputs], [o.name for o in graph.output])
     batch = 2 if dynamic else shape[0]  # batch 1 can hide batch-mixing bugs

@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from .. import io
 from ..errors import SlimError, UnsupportedModel
+from ..shape_limits import check_input_shapes
 from . import IMPORTERS, Imported
 from .modularize import modularize
 from .parity import check_parity
@@ -183,6 +184,7 @@ def import_torchscript(path: Path, input_shape: tuple[int, ...] | None) -> Impor
     shapes = io.as_shapes(input_shape) or ()
     if not shapes or any(not s or any(d <= 0 for d in s) for s in shapes):
         raise SlimError(f"input_shape {[list(s) for s in shapes]} must be non-empty with positive sizes")
+    check_input_shapes(shapes, "input_shape")
     try:
         original = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:  # RuntimeError/ValueError/OSError with multi-line C++ text
