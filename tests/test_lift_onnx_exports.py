@@ -127,5 +127,16 @@ def test_exporter_size_chains(dynamo: bool, tmp_path: Path) -> None:
         assert {"Resize", "Split", "Slice", "Where", "Equal", "Expand", "Softmax", "Shape"} <= _ops(path)
     imported = import_onnx(path, (1, 3, 32, 32))
     _parity(imported, [(3, 3, 32, 32)] if dynamo else [(3, 3, 32, 32), (2, 3, 48, 40)], scripted=True)
-    # the uneven channel split and the channel slices keep the two convs before them whole
-    assert len(imported.meta["unprunable"]) == 2
+    # the uneven channel split and the channel slices are followed: c1's and c2's channels can go
+    assert imported.meta["unprunable"] == {}
+    from slimcore.coupling import analyze, prune
+
+    gm, x = imported.module, torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = gm(x).shape
+    cp = analyze(gm, x)
+    convs = [r for r in cp.records if r.kind == "out"][:2]
+    assert all(int(lb) not in cp.pinned for r in convs for lb in cp.label[r.atoms])
+    prune(gm, cp, [int(cp.label[convs[0].atoms[1]]), int(cp.label[convs[1].atoms[5]])])
+    with torch.no_grad():
+        assert gm(x).shape == want

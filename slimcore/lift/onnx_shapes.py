@@ -213,7 +213,7 @@ def split(b: Lifter, n: Node, ins: list[Any], a: dict[str, Any], ver: int) -> An
     if len(set(sizes)) == 1 and sizes[0] * len(sizes) == total:
         parts = b.call(aten.chunk, x, len(sizes), axis)
     else:
-        parts = _channel(b.call(aten.split_with_sizes, x, sizes, axis), axis, r, "an uneven channel Split")
+        parts = b.call(aten.split_with_sizes, x, sizes, axis)  # slimcore.coupling rewrites the sizes
     if isinstance(parts, list):
         return parts
     return [b.call(operator.getitem, parts, i) for i in range(len(sizes))]
@@ -239,7 +239,7 @@ def slice_(b: Lifter, n: Node, ins: list[Any], a: dict[str, Any], ver: int) -> A
         if isinstance(st, int) and isinstance(en, int) and st == 0 and en >= 2 ** 31 and sp == 1:
             continue  # "from the start to the end" (exporters write INT64_MAX): no-op, whatever the size
         if sp > 0:
-            x = _channel(b.call(aten.slice, x, ax, st, en, sp), ax, r, "a channel Slice")
+            x = b.call(aten.slice, x, ax, st, en, sp)  # constant bounds: slimcore.coupling rewrites them
             continue
         if not isinstance(st, int) or not isinstance(en, int):
             raise b.fail("a negative step with computed bounds is not supported")
