@@ -221,3 +221,42 @@ def test_torch_pruning_agrees_on_resnet18_groups():
                 and isinstance(it.dep.target.module, nn.Conv2d)}
         theirs.add(frozenset(outs))
     assert ours == theirs
+
+
+def _zoo_property(name: str, fmt: str, tmp_path: Path) -> None:
+    from slimcore import io as sio
+    from slimcore.formats import detect_format
+    from tests.zoo_models import BY_NAME, save
+
+    entry = BY_NAME[name]
+    path = save(entry, fmt, tmp_path / ("m.onnx" if fmt.startswith("onnx") else f"m.{fmt}"))
+    imp = IMPORTERS.get(detect_format(path))(path, entry.shape)
+    gm = imp.module.eval()
+    x = torch.randn((2, *entry.shape[1:]), generator=torch.Generator().manual_seed(2))
+    gs = build_groups(gm, x, [], imp.meta.get("unprunable"))
+    remove = zero_and_prune(gm, gs, seed=0)
+    with torch.no_grad():
+        ref = gm(x)
+        apply(gm, gs, remove, None)
+        out = gm(x)
+    assert sio.structure(out) == sio.structure(ref)
+    for a, b in zip(sio.leaves(out), sio.leaves(ref), strict=True):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()) + 1e-6), name
+
+
+@pytest.mark.parametrize("name", ["timm/cs3darknet_s", "timm/ghostnet_100"])
+def test_real_splits_and_slices_keep_the_function(name, tmp_path):
+    """Two real architectures with the couplings Torch-Pruning broke (CSP splits; Ghost slices)."""
+    _zoo_property(name, "pt2", tmp_path)
+
+
+def _zoo_names() -> list:
+    from tests.zoo_models import ENTRIES
+
+    return [pytest.param(e.name, marks=pytest.mark.zoo, id=e.name) for e in ENTRIES if e.applies("pt2")]
+
+
+@pytest.mark.parametrize("name", _zoo_names())
+def test_zoo_random_removals_keep_the_function(name, tmp_path):
+    """The property on every zoo model (``-m zoo``): random removal sets of zeroed channels change nothing."""
+    _zoo_property(name, "pt2", tmp_path)
