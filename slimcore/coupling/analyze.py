@@ -62,10 +62,13 @@ class _Shapes(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
         self.shapes: dict[str, Any] = {}
+        self.values: dict[str, int] = {}  # int results (sizes computed at run time: slice bounds)
 
     def run_node(self, n: fx.Node) -> Any:
         out = super().run_node(n)
         self.shapes[n.name] = _shape_tree(out)
+        if isinstance(out, int) and not isinstance(out, bool):
+            self.values[n.name] = out
         return out
 
 
@@ -99,6 +102,7 @@ def analyze(model: nn.Module, example: Any, pins: dict[str, str] | None = None) 
     finally:
         model.train(was)
     cx = Context(gm, sp.shapes, editable)
+    cx.values = sp.values
     unknown: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "get_attr":

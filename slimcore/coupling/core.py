@@ -74,6 +74,7 @@ class Context:
         self.shapes = shapes  # node name → torch.Size, a list of them (tuple outputs), or None
         self.editable = editable  # graph literals (split sizes, slice bounds) can be rewritten
         self.maps: dict[str, Any] = {}  # node name → ChanMap | list[ChanMap | None] | None
+        self.values: dict[str, int] = {}  # node name → int it computed on the example (run-time sizes)
         self.n_atoms = 0
         self.pairs: list[tuple[np.ndarray, np.ndarray]] = []
         self.pins: list[tuple[np.ndarray, str]] = []

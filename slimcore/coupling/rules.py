@@ -214,7 +214,8 @@ def slice_(cx: Context, node: fx.Node) -> None:
     if dim != m.dim:
         _set(cx, node, m)
         return
-    start, end, step = _arg(node, 2, "start", None), _arg(node, 3, "end", None), _arg(node, 4, "step", 1)
+    start, end, step = (_value(cx, v) for v in (_arg(node, 2, "start", None), _arg(node, 3, "end", None),
+                                                 _arg(node, 4, "step", 1)))
     n = si[dim]
     if not all(isinstance(v, (int, type(None))) for v in (start, end, step)) or step != 1 or m.rep != 1 \
             or not cx.editable:
@@ -223,6 +224,12 @@ def slice_(cx: Context, node: fx.Node) -> None:
     s, e, _ = slice(start, end).indices(n)
     cx.record("slice", node.name, m, start=s, end=max(s, e))
     _set(cx, node, ChanMap(dim, m.atoms[s:max(s, e)]))
+
+
+def _value(cx: Context, v: Any) -> Any:
+    """A bound computed at run time (C2f's split as ONNX Slices of Shape arithmetic) as the int it was on
+    the example: the removal writes the pruned bound as a literal, so the arithmetic is retired."""
+    return cx.values.get(v.name, v) if isinstance(v, fx.Node) else v
 
 
 @RULES.register("narrow")
@@ -351,6 +358,10 @@ def permute(cx: Context, node: fx.Node) -> None:
         nd = b if m.dim == a else a if m.dim == b else m.dim
     if m.grid is not None:
         a, b = (node.args[1] % r, node.args[2] % r) if name.startswith(("transpose", "swapaxes")) else (-1, -1)
+        if name == "permute":
+            swap = list(range(r))
+            swap[m.dim], swap[m.dim + 1] = m.dim + 1, m.dim
+            a, b = (m.dim, m.dim + 1) if dims == swap else (-1, -1)
         if {a, b} == {m.dim, m.dim + 1}:
             rows, cols = m.grid
             _set(cx, node, ChanMap(m.dim, m.atoms.reshape(rows, cols).T.reshape(-1), 1, (cols, rows)))
