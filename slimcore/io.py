@@ -160,14 +160,25 @@ def max_abs_diff(got: Any, want: Any) -> float:
                 for x, y in zip(leaves(got), leaves(want), strict=True) if y.numel()), default=0.0)
 
 
+def _probabilities(t: torch.Tensor) -> bool:
+    t = t.detach().float()
+    return bool((t >= 0).all()) and bool(torch.allclose(t.sum(1), torch.ones(t.shape[0], device=t.device),
+                                                        atol=1e-3))
+
+
 def classifier_output(out: Any, names_: Sequence[str] | None = None) -> tuple[int | None, str]:
     """Which leaf is the ``(batch, classes)`` output for classification: its index, or None and why not.
 
     A lone tensor is the classifier output when it is 2-d. With several outputs, the single 2-d one is
-    used (a classifier with an auxiliary feature map); none or several 2-d outputs is an error naming them.
+    used (a classifier with an auxiliary feature map); among several 2-d ones, probabilities (rows ≥ 0
+    summing to 1: ultralytics' classifiers return ``(softmax, logits)`` in eval mode) are passed over when
+    exactly one output is left, the logits cross-entropy needs. Otherwise an error names them all.
     """
     named = named_leaves(out, names_)
     two_d = [i for i, (_, t) in enumerate(named) if t.dim() == 2]
+    if len(two_d) > 1:
+        not_probs = [i for i in two_d if not _probabilities(named[i][1])]
+        two_d = not_probs if len(not_probs) == 1 else two_d
     if len(two_d) == 1:
         return two_d[0], ""
     shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in named)

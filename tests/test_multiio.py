@@ -300,3 +300,12 @@ def test_distillation_loss_weights_outputs_by_size_not_scale():
     big = {k: 1000 * v for k, v in exact.items()}
     scaled = float(distill_loss({"scores": 1000 * out_small, "boxes": 1000 * ref_big * 1.1}, big))
     assert scaled == pytest.approx(both, rel=1e-4)
+
+
+def test_classification_passes_over_probabilities_beside_the_logits():
+    """ultralytics' classifiers return (softmax, logits) in eval mode: the logits are the classifier output."""
+    logits = torch.randn(4, 10)
+    assert sio.classifier_output((logits.softmax(1), logits))[0] == 1
+    assert sio.classifier_output((logits, logits.softmax(1)))[0] == 0
+    index, why = sio.classifier_output((logits, logits + 1))  # two sets of logits: still ambiguous
+    assert index is None and "exactly one" in why
