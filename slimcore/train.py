@@ -184,8 +184,8 @@ def fit(model: nn.Module, x: io.Inputs, y: torch.Tensor | None, spec: TrainSpec,
             from .errors import SlimError
 
             raise SlimError(f"training diverged: the loss became {float(running)} in epoch {epoch + 1} at lr {lr:.3g}; "
-                            "lower sparse_training.lr / finetune.lr (distillation of outputs on a large scale, such "
-                            "as decoded boxes in pixels, needs a smaller one) or method.strength")
+                            "lower sparse_training.lr / finetune.lr or method.strength (a model whose outputs are "
+                            "far from trained, e.g. random weights, can need a much smaller lr)")
         if progress is not None:
             progress({"epoch": epoch + 1.0, "loss": float(running / max(seen, 1)), "lr": lr})
             last_report = time.monotonic()
