@@ -35,6 +35,20 @@ def run_slim(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
+import PIL.Image  # noqa: E402
+
+_PIL_OPEN = PIL.Image.open
+
+
+@pytest.fixture(autouse=True)
+def _pil_open_unpatched() -> None:
+    """Importing ultralytics (the YOLO tests) monkey-patches ``PIL.Image.open`` process-wide to retry
+    unidentified images through pi-heif, which is not installed: an unreadable image then raises
+    ModuleNotFoundError instead of PIL's error. slim's workers never import ultralytics; keep the tests
+    that read images seeing the real Pillow."""
+    PIL.Image.open = _PIL_OPEN
+
+
 def write_spec(path: Path, **fields: object) -> Path:
     path.write_text(json.dumps(fields))
     return path
