@@ -20,7 +20,7 @@ from slimcore.errors import ParityError, SlimError, UnsupportedModel
 from slimcore.export import rel_error
 from slimcore.export.pt2 import export_pt2
 from slimcore.lift.exported import import_pt2
-from tests.zoo import input_shape, make_model, randomize_bn, save_model
+from tests.zoo import input_shape, make_model, prune_two_per_group, randomize_bn, save_model
 
 LIGHT = ["smallcnn", "resnet18"]  # the rest take 15-40 s each on two cores
 BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -55,19 +55,6 @@ def _x(name: str, batch: int, seed: int = 0) -> torch.Tensor:
     return torch.randn((batch, *shape[1:]), generator=torch.Generator().manual_seed(seed))
 
 
-def _prune_every_group(gm: nn.Module, ex: torch.Tensor, unprunable: dict[str, str]) -> int:
-    """Remove two channels from every group of four or more (as the planner could): the lifted graph must
-    stay runnable and exportable. Our coupling analysis decides the groups (Torch-Pruning misreads splits,
-    grouped convs and shuffles: tests/test_coupling.py cross-checks it where it is right)."""
-    from slimcore.groups import build_groups
-    from slimcore.prune import apply
-
-    gs = build_groups(gm, ex, [], unprunable)
-    remove = {g.gid: torch.tensor([0, 1]) for g in gs.groups if g.size >= 4}
-    apply(gm, gs, remove, None)
-    return len(remove)
-
-
 def _case(name: str, path: Path, tmp_path: Path) -> None:
     model = make_model(name)
 
@@ -86,7 +73,7 @@ def _case(name: str, path: Path, tmp_path: Path) -> None:
     assert sum(isinstance(m, BN) for m in gm.modules()) == count
 
     ex = _x(name, 2)
-    assert _prune_every_group(gm, ex, imp.meta["unprunable"]) > 0
+    assert prune_two_per_group(gm, ex, imp.meta["unprunable"]) > 0
     assert sum(isinstance(m, BN) for m in gm.modules()) == count
     with torch.no_grad():
         assert gm(ex).shape == (2, *want.shape[1:])

@@ -20,7 +20,7 @@ from slimcore.errors import ParityError, SlimError, UnsupportedModel
 from slimcore.lift import IMPORTERS
 from slimcore.lift.parity import check_parity, relative_error
 from slimcore.lift.torchscript import import_torchscript
-from tests.zoo import ARCHS, input_shape, make_model, save_model
+from tests.zoo import ARCHS, input_shape, make_model, prune_two_per_group, save_model
 
 HEAVY = {"vgg11_bn", "densenet121"}  # > 15 s a case on two shared cores
 BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -37,19 +37,6 @@ def one_thread() -> Iterator[None]:
 
 def _x(name: str, batch: int, seed: int = 0) -> torch.Tensor:
     return torch.randn((batch, *input_shape(name)[1:]), generator=torch.Generator().manual_seed(seed))
-
-
-def _prune_every_group(gm: nn.Module, ex: torch.Tensor, unprunable: dict[str, str]) -> int:
-    """Remove two channels from every group of four or more (as the planner could): the lifted graph must
-    stay runnable and exportable. Our coupling analysis decides the groups (Torch-Pruning misreads splits,
-    grouped convs and shuffles: tests/test_coupling.py cross-checks it where it is right)."""
-    from slimcore.groups import build_groups
-    from slimcore.prune import apply
-
-    gs = build_groups(gm, ex, [], unprunable)
-    remove = {g.gid: torch.tensor([0, 1]) for g in gs.groups if g.size >= 4}
-    apply(gm, gs, remove, None)
-    return len(remove)
 
 
 def _case(name: str, fmt: str, tmp_path: Path) -> None:
@@ -72,7 +59,7 @@ def _case(name: str, fmt: str, tmp_path: Path) -> None:
     assert sum(isinstance(m, BN) for m in gm.modules()) == count
     torch.jit.script(gm)
 
-    assert _prune_every_group(gm, ex, imp.meta["unprunable"]) > 0
+    assert prune_two_per_group(gm, ex, imp.meta["unprunable"]) > 0
     assert sum(isinstance(m, BN) for m in gm.modules()) == count
     scripted = torch.jit.script(gm)  # what the TorchScript exporter does with the pruned graph
     with torch.no_grad():

@@ -134,3 +134,16 @@ def trained_digits_cnn(npz: Path, epochs: int = 8, seed: int = 0) -> nn.Module:
             opt.step()
             sched.step()
     return model.eval()
+
+
+def prune_two_per_group(gm: nn.Module, ex: torch.Tensor, unprunable: dict[str, str]) -> int:
+    """Remove two channels from every group of four or more (as the planner could): a lifted graph must
+    stay runnable and exportable. Our coupling analysis decides the groups (Torch-Pruning misreads splits,
+    grouped convs and shuffles: tests/test_coupling.py cross-checks it where it is right)."""
+    from slimcore.groups import build_groups
+    from slimcore.prune import apply
+
+    gs = build_groups(gm, ex, [], unprunable)
+    remove = {g.gid: torch.tensor([0, 1]) for g in gs.groups if g.size >= 4}
+    apply(gm, gs, remove, None)
+    return len(remove)
