@@ -300,7 +300,8 @@ def test_transposed_conv_is_fenced(exporter: str, tmp_path: Path) -> None:
     torch.jit.script(imp.module)
 
 
-def test_channel_slice_is_fenced(tmp_path: Path) -> None:
+def test_channel_slice_is_followed(tmp_path: Path) -> None:
+    """A constant channel Slice is not fenced: the coupling analysis rewrites its bounds after a prune."""
     m = _model([helper.make_node("Conv", ["x", "a.weight"], ["a"], name="a"),
                 helper.make_node("Slice", ["a", "st", "en", "ax"], ["s"]),
                 helper.make_node("Conv", ["s", "b.weight"], ["y"], name="b")],
@@ -308,7 +309,16 @@ def test_channel_slice_is_fenced(tmp_path: Path) -> None:
                    numpy_helper.from_array(np.array([v]), n) for n, v in (("st", 2), ("en", 6), ("ax", 1))],
                ["N", 3, 4, 4], ["N", 2, 4, 4])
     imp = import_onnx(_save(m, tmp_path / "sl.onnx"), None)
-    assert set(imp.meta["unprunable"]) == {"m.a"} and "Slice" in imp.meta["unprunable"]["m.a"]
+    assert imp.meta["unprunable"] == {}
+    from slimcore.coupling import analyze, prune
+
+    gm, x = imp.module, torch.randn(2, 3, 4, 4)
+    cp = analyze(gm, x)
+    a = next(r for r in cp.records if r.kind == "out" and r.name.endswith("a"))
+    prune(gm, cp, [int(cp.label[a.atoms[0]]), int(cp.label[a.atoms[3]])])  # one outside, one inside the slice
+    assert gm.get_submodule("m.a").out_channels == 6 and gm.get_submodule("m.b").in_channels == 3
+    with torch.no_grad():
+        assert gm(x).shape == (2, 2, 4, 4)
 
 
 def test_model_without_convolutions(tmp_path: Path) -> None:
