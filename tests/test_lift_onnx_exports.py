@@ -140,3 +140,35 @@ def test_exporter_size_chains(dynamo: bool, tmp_path: Path) -> None:
     prune(gm, cp, [int(cp.label[convs[0].atoms[1]]), int(cp.label[convs[1].atoms[5]])])
     with torch.no_grad():
         assert gm(x).shape == want
+
+
+class KeypointHead(nn.Module):
+    """A pose head's decode: slice assignment into a conv's output (both exporters write ``ScatterND``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.kpt = nn.Conv2d(8, 9, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.kpt(self.c(x)).flatten(2)
+        y[:, 2::3] = y[:, 2::3].sigmoid()
+        return y
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_scatter_nd_from_slice_assignment(dynamo: bool, tmp_path: Path) -> None:
+    """Lifted as ``index_put``; the legacy exporter folds batch 1 into the indices, and the lifted graph
+    still runs any batch (checked against the eager model, since the static upload only takes batch 1)."""
+    model = KeypointHead().eval()
+    path = tmp_path / "kpt.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randn(1, 3, 16, 16),), str(path), dynamo=dynamo, external_data=False)
+    assert "ScatterND" in _ops(path)
+    imported = import_onnx(path, (1, 3, 16, 16))
+    assert any(n.target is torch.ops.aten.index_put.default for n in imported.module.graph.nodes)
+    for b in (1, 3):
+        x = torch.randn(b, 3, 16, 16, generator=torch.Generator().manual_seed(b))
+        with torch.no_grad():
+            assert rel_error(model(x), imported.module(x)) <= 1e-5, b

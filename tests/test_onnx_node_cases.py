@@ -17,7 +17,8 @@ add types), else skipped.
 Skipped on purpose (``SKIPS`` below, each with its reason): element types torch cannot hold or compute
 with here (float8/float4/int4/int2/uint2/float6/e8m0, bfloat16 via numpy, strings, uint16/32/64);
 training-mode BatchNormalization and Dropout; Dropout's mask and MaxPool's Indices outputs; dilated
-AveragePool (no PyTorch kernel); GatherND with ``batch_dims``; Resize with cubic mode, antialiasing,
+AveragePool (no PyTorch kernel); GatherND with ``batch_dims``; ScatterND's mul/max/min reductions;
+Resize with cubic mode, antialiasing,
 ``tf_crop_and_resize``, ``keep_aspect_ratio_policy``, linear ``half_pixel_symmetric``, linear
 ``pytorch_half_pixel`` to a length of 1 and linear ``align_corners`` with a fractional scaled length;
 ReduceMax/ReduceMin over an empty set; expanded forms that use ops the lifter does not support (Erf in
@@ -52,6 +53,7 @@ SKIPS = {
     r"with_argmax": "MaxPool's Indices output is not supported",
     r"^test_averagepool_.*dilations": "dilated AveragePool has no PyTorch kernel",
     r"batch_dim1": "GatherND with batch_dims > 0 is not supported",
+    r"^test_scatternd_(multiply|max|min)": "ScatterND reductions mul/max/min are refused (index_put only sets or adds)",
     r"^test_resize_.*(cubic|antialias|tf_crop|not_larger|not_smaller|half_pixel_symmetric)":
         "Resize mode/option not supported",
     r"^test_resize_downsample_scales_linear_align_corners$": "linear align_corners to a fractional scaled length",
