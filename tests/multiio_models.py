@@ -63,3 +63,19 @@ class TwoInputNet(nn.Module):
 def make(cls: type[nn.Module], seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return randomize_bn(cls(), seed).eval()
+
+
+class RepeatNet(nn.Module):
+    """Like ultralytics' seg head in its legacy ONNX export: one tensor listed twice among the outputs,
+    ``(det, proto, (raw, proto))``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b1, self.b2 = _block(3, 16), _block(16, 16)
+        self.det, self.proto = nn.Conv2d(16, 5, 1), nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        f = self.b2(self.b1(x))
+        proto = self.proto(f)
+        raw = self.det(f)
+        return raw.flatten(2), proto, (raw, proto)

@@ -24,7 +24,7 @@ from torch import nn
 from slimcore import io as sio
 from slimcore.cli import main as cli_main
 from tests.conftest import run_slim, write_spec
-from tests.multiio_models import DetectNet, SegNet, TwoInputNet, make
+from tests.multiio_models import DetectNet, RepeatNet, SegNet, TwoInputNet, make
 
 FORMATS = ["script", "trace", "pt2", "onnx"]
 SUFFIX = {"script": ".pt", "trace": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
@@ -309,3 +309,21 @@ def test_classification_passes_over_probabilities_beside_the_logits():
     assert sio.classifier_output((logits, logits.softmax(1)))[0] == 0
     index, why = sio.classifier_output((logits, logits + 1))  # two sets of logits: still ambiguous
     assert index is None and "exactly one" in why
+
+
+def test_onnx_output_listed_twice(tmp_path):
+    """The legacy exporter lists a tensor returned twice under one name twice (ultralytics seg): the slimmed
+    file lists it twice too, under the same name, never renaming the first listing aside."""
+    path = tmp_path / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(make(RepeatNet), (torch.rand(1, *IMG),), str(path), dynamo=False)
+    _, outs = onnx_names(path)
+    assert len(outs) == 4 and outs[1] == outs[3]
+    out, _ = slim(tmp_path, path, images(tmp_path / "x.npz"), task="distillation")
+    assert onnx_names(out) == onnx_names(path)
+    x = torch.rand(1, *IMG, generator=torch.Generator().manual_seed(3)).numpy()
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {onnx_names(out)[0][0]: x})
+    assert [g.shape for g in got] == [w.shape for w in ort.InferenceSession(
+        str(path), providers=["CPUExecutionProvider"]).run(None, {onnx_names(path)[0][0]: x})]
+    assert np.array_equal(got[1], got[3])

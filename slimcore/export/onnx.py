@@ -326,17 +326,26 @@ def _conform(model: onnx.ModelProto, t: Target) -> None:
         for d in vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else []:
             if d.dim_param in renames:  # never assign to others: dim_param and dim_value are a oneof
                 d.dim_param = renames[d.dim_param]
-    for vi, want in edges:
-        _rename(g, vi.name, str(want["name"]))
+    # an upload may list one value twice among its outputs (ultralytics' seg head, legacy exporter): the
+    # repeats become copies of the first listing, never a rename that moves the first one aside
+    first = {}
+    dup = {j: first.setdefault(str(w["name"]), j) for j, w in enumerate(t.outputs)}
+    dup = {j: i for j, i in dup.items() if i != j}
+    for k, (vi, want) in enumerate(edges):
+        if k - len(inputs) not in dup:
+            _rename(g, vi.name, str(want["name"]))
     for vi, want in zip(inputs, t.inputs, strict=True):
         _cast_input(g, vi, want)
-    for vi, want in zip(outputs, t.outputs, strict=True):
-        _cast_output(g, vi, want)
+    for j, (vi, want) in enumerate(zip(outputs, t.outputs, strict=True)):
+        if j not in dup:
+            _cast_output(g, vi, want)
     for vi, want in edges:
         for d, w in zip(vi.type.tensor_type.shape.dim, want.get("dims") or [], strict=False):
             d.Clear()  # exactly the upload's: its dim_param names, its fixed sizes
             if isinstance(w, int) or w:
                 setattr(d, "dim_value" if isinstance(w, int) else "dim_param", w)
+    for j, i in dup.items():
+        g.output[j].CopyFrom(g.output[i])
     if t.ir_version:
         model.ir_version = int(t.ir_version)
     del model.metadata_props[:]
