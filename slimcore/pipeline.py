@@ -19,6 +19,7 @@ from . import export as _export  # noqa: F401  (registers exporters)
 from . import io
 from . import lift as _lift  # noqa: F401
 from .checkpoint import CheckpointStore
+from .control import Steered, make_controller
 from .data import load_dataset
 from .errors import JobCanceled, NothingToPrune, SlimError
 from .export import EXPORTERS
@@ -28,8 +29,8 @@ from .groups import all_bns, build_groups
 from .lift import IMPORTERS, Imported
 from .measure import count_flops, count_params, cpu_latency_ms
 from .methods import METHODS, MethodContext
-from .prune import apply, plan
-from .report import ReportBuilder, gamma_snapshot, layer_table
+from .prune import apply, plan, removal_culprits
+from .report import ReportBuilder, gamma_snapshot, layer_table, removal_cost
 from .shape_limits import data_sample_shape, peek_npz_sample_shape
 from .spec import JobSpec
 from .strength import choose_strength
@@ -137,8 +138,11 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
         ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev, output_names=names)
         rb.stage("baseline", **_stage(model, ev, example))
 
+    control: dict[str, Any] = ck.get("control_record", {}) if ck else {}
+    ctl = None
+
     def fit_phase(phase: str, train_spec: Any, meth: Any, extra: dict[str, Any],
-                  start: tuple[int, dict[str, Any]] | None = None) -> None:
+                  start: tuple[int, dict[str, Any]] | None = None, kd: Any = None) -> None:
         epochs = max(train_spec.epochs, 1)
         if ck is not None and ck["phase"] == phase:
             start = (ck["epoch"], ck["optimizer"])
@@ -148,14 +152,17 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
 
         def save(done: int, opt_state: dict) -> None:
             if checkpoints is not None:
+                steer = {"control": ctl.state()} if ctl is not None and phase == "sparse_training" else {}
                 checkpoints.save({"phase": phase, "epoch": done, "model": _cpu_state(model), "pilot": pilot,
-                                  "optimizer": opt_state, "stages": rb.stages, "gamma0": gamma0, **extra})
+                                  "optimizer": opt_state, "stages": rb.stages, "gamma0": gamma0,
+                                  "control_record": control, **steer, **extra})
 
-        stop = _plateau(meth, gs, early, pilot) if meth is not None else None
-        finished = fit(model, data.x_train, data.y_train, train_spec, task=spec.task, teacher=teacher,
-                       method=meth, device=dev, seed=spec.seed, progress=report, should_stop=should_stop,
-                       start_epoch=start[0] if start else 0, opt_state=start[1] if start else None,
-                       on_epoch_end=save, stop_early=stop)
+        stop = _plateau(meth, gs, early, pilot) if meth is not None and ctl is None else None
+        finished = fit(model, data.x_train, data.y_train, train_spec, task=spec.task,
+                       teacher=teacher if kd is None else reference, method=meth if ctl is None or meth is None
+                       else Steered(meth, ctl), device=dev, seed=spec.seed, progress=report,
+                       should_stop=should_stop, start_epoch=start[0] if start else 0,
+                       opt_state=start[1] if start else None, on_epoch_end=save, stop_early=stop, kd=kd)
         if not finished:
             raise JobCanceled(phase)
 
@@ -172,8 +179,14 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
                 start = (spec.sparse_training.epochs, warm["optimizer"])
                 early.update(epoch=warm["epoch"], why=f"{warm['sparsity']:.0%} of channels near zero after the "
                                                       f"pilot's {warm['epoch']} epochs, the target")
+        resumed = ck is not None and ck["phase"] == "sparse_training"
+        ctl, control = make_controller(model, method, spec, data, gs, example, device=dev, teacher=teacher,
+                                       state=ck.get("control") if resumed else None,
+                                       start_epoch=ck["epoch"] if resumed else 0)
         say("sparse_training", 0.0, {})
         fit_phase("sparse_training", spec.sparse_training, method, {}, start)
+        if ctl is not None:
+            control = ctl.record()
         back = _back_to_pilot_if_wrecked(model, data, warm, pilot, dev) if ck is None else None
         if back is not None:
             rb.warn(back)
@@ -217,6 +230,7 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     val = io.rows(data.x_val, slice(0, 512))
     with torch.no_grad():
         before = io.call(reference, val)
+    culprits = removal_culprits(gs, p, method.reduce)
     apply(model, gs, p.remove, calib)
     model.eval()
     with torch.no_grad():
@@ -231,7 +245,8 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     if ck is not None and ck["phase"] == "finetuning":
         model.load_state_dict(ck["model"])
     say("finetuning", 0.0, {})
-    fit_phase("finetuning", spec.finetune, None, {"sparse_final": sparse_state})
+    kd = spec.finetune.distillation() if spec.task == "classification" else None
+    fit_phase("finetuning", spec.finetune, None, {"sparse_final": sparse_state}, kd=kd)
     ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev, output_names=names)
     rb.stage("finetuned", **_stage(model, ev, example))
 
@@ -253,6 +268,7 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
                 f"(bench/README.md: MobileNetV2 1.34× slower at 30%); set prune.round_to: 8 for CPU deployment")
     base, fin = rb.stages["baseline"], rb.stages["finetuned"]
     sparse_acc = rb.stages.get("sparse", {}).get("accuracy")
+    removal = removal_cost(rb, culprits)
     if spec.task == "classification" and base["accuracy"] is not None and sparse_acc is not None \
             and sparse_acc < base["accuracy"] - 0.2:
         rb.warn(f"sparse training itself dropped accuracy from {base['accuracy']:.3f} to {sparse_acc:.3f} before "
@@ -268,6 +284,10 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
         rb.warn(f"the strength pilot aimed for {pilot['wanted_fraction']:.0%} of channels near zero after sparse "
                 f"training and reached {reached:.0%}: removal cost more accuracy than it needed to; give more "
                 f"sparse_training.epochs, more method.pilot_runs, or a method.strength")
+    if control.get("used") and (control.get("near_zero_reached") or 0) < control["wanted_fraction"] - 0.05:
+        rb.warn(f"the strength controller aimed for {control['wanted_fraction']:.0%} of channels near zero and "
+                f"reached {control['near_zero_reached']:.0%} (final strength {control['final_strength']:g}): removal "
+                f"cost more accuracy than it needed to; give more sparse_training.epochs or a method.strength")
     rb.extra.update({
         "format": {"in": imported.fmt, "out": fmt, "external_data": external, "bundle": bundle},
         "target": {"kind": p.target, "requested": p.requested, "achieved": round(p.achieved, 6)},
@@ -284,7 +304,10 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
         "reinserted_bn": reinserted,
         "sparse_training_stopped_early_at": early.get("epoch"),
         "sparse_training_stopped_because": early.get("why"),
-        "pilot": pilot,
+        "spec": spec.model_dump(mode="json"),  # every setting as run, defaults filled in
+        "removal_cost": removal,
+        "pilot": pilot, "strength_control": control,
+        "finetune_distillation": kd.model_dump() if kd is not None else None,
         "not_pruned": gs.skipped, "output_layers": gs.output_layers,
         "prunable_bn_channels": {**gs.coverage,
                                  "share": round(gs.coverage["prunable"] / max(gs.coverage["total"], 1), 4)},

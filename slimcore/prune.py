@@ -239,3 +239,26 @@ def _input_means(model: nn.Module, mods: set[nn.Module], batches: list[torch.Ten
             h.remove()
         model.train(was)
     return {m: (sums[m] / counts[m]).cpu() for m in sums}
+
+
+def removal_culprits(gs: GroupSet, p: Plan, reduce: str, top: int = 5) -> list[dict[str, object]]:
+    """The layers whose removed channels were least near zero, worst first: per group with removals, the
+    largest removed importance next to the group's largest kept one, and the share of the group's
+    importance that went. Why: when removal costs accuracy, these are the layers to ``ignore`` or to give
+    more sparse training; a channel far from zero in its own layer carried signal the next layer used."""
+    rows = []
+    for g in gs.groups:
+        idx = p.remove.get(g.gid)
+        if idx is None or not idx.numel():
+            continue
+        imp = g.importance(reduce).float().cpu()
+        keep = torch.ones(imp.numel(), dtype=torch.bool)
+        keep[idx.cpu()] = False
+        kept_max = float(imp[keep].max()) if bool(keep.any()) else 0.0
+        worst = float(imp[idx.cpu()].max())
+        rows.append({"layer": g.root_name, "removed": int(idx.numel()), "of": int(imp.numel()),
+                     "largest_removed": round(worst, 6), "largest_kept": round(kept_max, 6),
+                     "relative": round(worst / kept_max, 4) if kept_max > 0 else None,
+                     "importance_share_removed": round(float(imp[idx.cpu()].sum() / imp.sum().clamp_min(1e-12)), 4)})
+    rows.sort(key=lambda r: -(r["relative"] if r["relative"] is not None else 1.0))
+    return rows[:top]

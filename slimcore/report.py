@@ -66,3 +66,23 @@ class ReportBuilder:
             "model_bytes": model_bytes, "output_deviation": output_deviation, "warnings": self.warnings,
             **self.extra,
         }
+
+
+REMOVAL_BOUND = 0.03  # accuracy the removal itself may cost (sparse → pruned) before the report says so
+
+
+def removal_cost(rb: ReportBuilder, culprits: list[dict[str, Any]]) -> dict[str, Any]:
+    """What removing the channels cost by itself (sparse → pruned, before fine-tuning), with the layers whose
+    removed channels were least near zero; a warning naming them when the cost is over ``REMOVAL_BOUND``."""
+    sparse, pruned = rb.stages.get("sparse", rb.stages.get("baseline", {})), rb.stages.get("pruned", {})
+    key = "accuracy" if sparse.get("accuracy") is not None else "distillation_error"
+    a, b = sparse.get(key), pruned.get(key)
+    cost = None if a is None or b is None else (a - b if key == "accuracy" else b - a)
+    if cost is not None and key == "accuracy" and cost > REMOVAL_BOUND and culprits:
+        names = ", ".join(f"{c['layer']} (removed up to {c['relative']:.0%} of its largest kept importance)"
+                          if c["relative"] is not None else c["layer"] for c in culprits[:3])
+        rb.warn(f"removing the channels itself cost {cost:.3f} accuracy ({a:.3f} → {b:.3f}) before fine-tuning; "
+                f"the removed channels were furthest from zero in {names}: prune.ignore them, lower the amount "
+                f"or train the sparsity longer")
+    return {"measure": key, "before_removal": a, "after_removal": b, "cost": cost, "bound": REMOVAL_BOUND,
+            "culprits": culprits}

@@ -35,7 +35,7 @@ class _Strict(BaseModel):
         """JSON ``true`` is not the number 1, nor ``0`` false (pydantic's lax mode would take both): the schema
         says number, or boolean, and the service must answer as it says."""
         if "bool" in str(cls.model_fields[info.field_name or ""].annotation):
-            if v is not None and not isinstance(v, bool):
+            if v is not None and not isinstance(v, (bool, dict, BaseModel)):  # (an object where one may stand)
                 raise ValueError("must be true or false")
             return v
         if _has_bool(v):
@@ -46,11 +46,15 @@ class _Strict(BaseModel):
 class MethodSpec(_Strict):
     """Sparsity method and its parameters.
 
-    ``strength`` is λ (L1, group lasso, polarization), ρ (ISTA) or κ (receding). When left out, the
-    pipeline runs ``pilot_runs`` short pilots that pick it from the data (slimcore/strength.py), because
-    the papers' defaults were tuned for long CIFAR schedules; with ``pilot_runs: 0`` the paper's default
-    is used. ``group``: for ``l1``, regularize each coupled channel group by the aggregate of its |γ|
-    instead of each γ alone (the group-level form).
+    ``strength`` is λ (L1, group lasso, polarization), ρ (ISTA) or κ (receding). When left out, it is
+    found from the data, because the papers' defaults were tuned for long CIFAR schedules: with
+    ``search: "pilot"`` (the default) ``pilot_runs`` short pilot runs pick it first (slimcore/strength.py);
+    with ``search: "control"`` (experimental, no extra epochs) one sparse-training run raises and lowers it
+    as it goes so the wanted-rank channel's importance follows a ramp down to the near-zero cut
+    (slimcore/control.py; bench/README.md has how far it gets); with ``search: "none"`` (or
+    ``pilot_runs: 0``, its older spelling) the paper's default is used. ``group``:
+    for ``l1``, regularize each coupled channel group by the aggregate of its |γ| instead of each γ alone
+    (the group-level form).
     """
 
     name: Literal["l1", "group_lasso", "ista", "receding", "polarization"] = "l1"
@@ -60,17 +64,58 @@ class MethodSpec(_Strict):
     t: Annotated[float, Field(gt=0)] = 1.2
     offset: float = 0.0
     alpha: Annotated[float, Field(gt=0)] = 1.0
+    search: Literal["pilot", "control", "none"] = Field(
+        "pilot", description="how the strength is found when none is given: pilot (short pilot runs first), "
+                             "control (experimental: steered within the one sparse-training run) or none "
+                             "(the paper's default)")
     pilot_runs: Annotated[int, Field(ge=0, le=12)] = Field(
-        5, description="short sparse-training runs that pick the strength when none is given (0: paper default)")
+        5, description="with search 'pilot': short sparse-training runs that pick the strength (0: paper default)")
+
+    def strength_search(self) -> str:
+        """How this spec finds its strength: 'given', 'control', 'pilot' or 'none'."""
+        if self.strength is not None:
+            return "given"
+        if self.pilot_runs == 0 and "pilot_runs" in self.model_fields_set:
+            return "none"  # the older spelling of "use the paper's default"
+        return self.search
 
 
 class TrainSpec(_Strict):
+    """One training phase. ``optimizer``: SGD with ``momentum`` (the papers') or AdamW (``momentum`` is then
+    β1); ``label_smoothing`` applies to classification's cross-entropy."""
+
     epochs: Annotated[int, Field(ge=0, le=10_000)] = 10
     batch_size: Annotated[int, Field(ge=1, le=65_536)] = 64
     lr: Annotated[float, Field(gt=0, le=10)] = 0.01
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     weight_decay: Annotated[float, Field(ge=0, le=1)] = 0.0
     schedule: Literal["cosine", "step", "constant"] = "cosine"
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+
+
+class DistillSpec(_Strict):
+    """Knowledge distillation from the original model while fine-tuning a classifier (Hinton et al.):
+    loss = CE(student, labels) + ``weight`` · T² · KL(softmax(teacher/T) ‖ softmax(student/T)), T =
+    ``temperature``. The T² keeps the soft term's gradients on the scale of the hard one's."""
+
+    temperature: Annotated[float, Field(gt=0, le=100)] = 4.0
+    weight: Annotated[float, Field(ge=0, le=100)] = 1.0
+
+
+class FinetuneSpec(TrainSpec):
+    """Fine-tuning: fewer epochs and a tenth of the sparse phase's lr by default, whether the block is
+    given or not. ``distill`` (classification): true (the default, with :class:`DistillSpec`'s T and
+    weight), false, or an object with ``temperature`` and ``weight``."""
+
+    epochs: Annotated[int, Field(ge=0, le=10_000)] = 5
+    lr: Annotated[float, Field(gt=0, le=10)] = 0.001
+    distill: bool | DistillSpec = True
+
+    def distillation(self) -> DistillSpec | None:
+        if self.distill is False:
+            return None
+        return DistillSpec() if self.distill is True else self.distill
 
 
 class PruneSpec(_Strict):
@@ -123,7 +168,7 @@ class JobSpec(_Strict):
     method: MethodSpec = Field(default_factory=MethodSpec)
     sparse_training: TrainSpec = Field(default_factory=TrainSpec)
     prune: PruneSpec = Field(default_factory=PruneSpec)
-    finetune: TrainSpec = Field(default_factory=lambda: TrainSpec(epochs=5, lr=0.001))
+    finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     seed: int = 0
 

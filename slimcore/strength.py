@@ -25,8 +25,10 @@ How (a documented approximation, checked after the real run):
   with enough sparsity failed too: the trajectory passes through damaged states the pilot's end did not
   have.) The report warns when the run ends short of the wanted fraction.
 
-Skipped (the method's paper default is used, and the report says why) for a ``threshold`` target, whose
-cut is not a fraction, and when ``method.pilot_runs`` is 0.
+Runs only with ``method.search: "pilot"`` (the default is the in-run controller, slimcore/control.py,
+which costs no extra epochs; the pilot stays for comparison, bench/bench_quality.py). Skipped (the
+method's paper default is used, and the report says why) for a ``threshold`` target, whose cut is not a
+fraction.
 """
 
 from __future__ import annotations
@@ -80,9 +82,14 @@ def schedule_range(method: str, median_gamma: float, lr: float, momentum: float,
     fights the penalty, ISTA scales ρ by per-layer λ_l, and cosine schedules halve the mean lr.
     The papers' fixed ranges (``PILOT_RANGES``) assume ~160-epoch schedules and miss short jobs by decades.
     """
-    lr_eff = lr if method == "ista" else lr / max(1e-3, 1.0 - momentum)
-    base = _DISTANCE.get(method, max(median_gamma, 1e-3)) / max(steps * lr_eff, 1e-12)
+    base = base_strength(method, median_gamma, lr, momentum, steps)
     return base * 10 ** -_DECADES_BELOW, min(base * 10 ** _DECADES_ABOVE, 10.0)
+
+
+def base_strength(method: str, median_gamma: float, lr: float, momentum: float, steps: int) -> float:
+    """The strength whose push alone moves the median importance to zero in ``steps`` (see above)."""
+    lr_eff = lr if method == "ista" else lr / max(1e-3, 1.0 - momentum)
+    return _DISTANCE.get(method, max(median_gamma, 1e-3)) / max(steps * lr_eff, 1e-12)
 
 
 def choose_strength(model: torch.nn.Module, spec: JobSpec, data: Any, example: io.Inputs, gs: Any,
@@ -99,12 +106,15 @@ def choose_strength(model: torch.nn.Module, spec: JobSpec, data: Any, example: i
     """
     runs = spec.method.pilot_runs
     epochs = spec.sparse_training.epochs
-    if spec.method.strength is not None:
-        return None, {"used": False, "why": "the spec gives method.strength", "strength": None}
+    how = spec.method.strength_search()
+    if how != "pilot":
+        why = {"given": "the spec gives method.strength",
+               "control": "method.search is 'control': the strength is steered within the one run",
+               "none": "method.pilot_runs is 0: the paper's default strength" if spec.method.pilot_runs == 0
+               else "method.search is 'none': the paper's default strength"}[how]
+        return None, {"used": False, "why": why, "strength": None}
     if epochs == 0:
         return None, {"used": False, "why": "no sparse training (sparse_training.epochs is 0)", "strength": None}
-    if runs == 0:
-        return None, {"used": False, "why": "method.pilot_runs is 0: the paper's default strength", "strength": None}
     frac = wanted_fraction(model, gs, spec, example)
     if frac is None or frac <= 0:
         return None, {"used": False, "why": f"prune.target '{spec.prune.target}' sets its own cut, not a "

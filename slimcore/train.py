@@ -24,7 +24,7 @@ from . import io
 from .data import make_loader
 from .errors import SlimError
 from .methods import Method
-from .spec import TrainSpec
+from .spec import DistillSpec, TrainSpec
 
 Progress = Callable[[dict[str, float]], None]
 
@@ -85,6 +85,21 @@ def distill_loss(out: object, ref: object) -> torch.Tensor:
     return loss
 
 
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(softmax(teacher/T) ‖ softmax(student/T)), batch-mean (Hinton et al.'s soft-target term)."""
+    t = float(temperature)
+    return F.kl_div(F.log_softmax(student.float() / t, 1), F.log_softmax(teacher.float() / t, 1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
+def make_optimizer(params: object, spec: TrainSpec) -> torch.optim.Optimizer:
+    """SGD with momentum (the papers') or AdamW with ``momentum`` as β1. Parameter groups (ISTA's γ group)
+    keep their own overrides in both."""
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=spec.lr, betas=(spec.momentum, 0.999), weight_decay=spec.weight_decay)
+    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+
+
 def device_of(prefer: str | None = None) -> torch.device:
     if prefer:
         return torch.device(prefer)
@@ -126,11 +141,12 @@ def fit(model: nn.Module, x: io.Inputs, y: torch.Tensor | None, spec: TrainSpec,
         seed: int = 0, progress: Progress | None = None, should_stop: Callable[[], bool] | None = None,
         start_epoch: int = 0, opt_state: dict | None = None,
         on_epoch_end: Callable[[int, dict], None] | None = None,
-        stop_early: Callable[[int], bool] | None = None) -> bool:
+        stop_early: Callable[[int], bool] | None = None, kd: DistillSpec | None = None) -> bool:
     """Train ``model`` in place for ``spec.epochs`` epochs; False if ``should_stop`` cut it short.
 
     A resumed job passes ``start_epoch`` and the optimizer state saved by ``on_epoch_end(epochs_done,
     optimizer_state)``; the learning-rate schedule is a function of the iteration, so it resumes exactly.
+    ``kd`` with a ``teacher`` adds :func:`kd_loss` to classification's cross-entropy (``kd.weight`` times).
     """
     if spec.epochs == 0 or start_epoch >= spec.epochs:
         return True
@@ -144,7 +160,8 @@ def fit(model: nn.Module, x: io.Inputs, y: torch.Tensor | None, spec: TrainSpec,
     total = spec.epochs * steps
     # A method may put γ in its own parameter group (ISTA: no momentum, no weight decay on γ).
     params = method.param_groups(model) if method is not None else model.parameters()
-    opt = torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    opt = make_optimizer(params, spec)
+    soft = kd if kd is not None and kd.weight > 0 and teacher is not None and task == "classification" else None
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     amp = device.type == "cuda"
@@ -163,7 +180,13 @@ def fit(model: nn.Module, x: io.Inputs, y: torch.Tensor | None, spec: TrainSpec,
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 out = io.call(model, xb)
                 if task == "classification":
-                    loss = F.cross_entropy(logits(out).float(), batch[1].to(device, non_blocking=True))
+                    scores = logits(out).float()
+                    loss = F.cross_entropy(scores, batch[1].to(device, non_blocking=True),
+                                           label_smoothing=spec.label_smoothing)
+                    if soft is not None:
+                        with torch.no_grad():
+                            ref_scores = logits(io.call(teacher, xb))
+                        loss = loss + soft.weight * kd_loss(scores, ref_scores, soft.temperature)
                 else:
                     with torch.no_grad():
                         ref = io.call(teacher, xb)

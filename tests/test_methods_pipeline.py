@@ -61,6 +61,8 @@ def test_pilot_says_why_it_did_not_run(digits, digits_cnn):
     for body, why in [({"method": {"name": "l1", "strength": 1e-3}}, "gives method.strength"),
                       ({"prune": {"target": "threshold", "amount": 0.01}}, "sets its own cut"),
                       ({"method": {"name": "ista", "pilot_runs": 0}}, "pilot_runs is 0"),
+                      ({"method": {"name": "ista", "search": "none"}}, "search is 'none'"),
+                      ({"method": {"name": "ista", "search": "control"}}, "steered within the one run"),
                       ({"sparse_training": {"epochs": 0}}, "no sparse training")]:
         spec = parse_spec({"input_shape": [1, 1, 8, 8], **body})
         warm, rec = choose_strength(gm, spec, None, x, build_groups(gm, x, []), None,

@@ -1,0 +1,115 @@
+"""The in-run strength controller (slimcore/control.py) on a toy: importances we set by hand, a quality we set.
+
+And once through ``slim run`` with ``method.search: control``: the report records the trajectory, and the
+sparse phase costs its epochs (no pilot runs).
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import torch
+
+from slimcore.control import DAMAGE, RAMP_END, StrengthController
+from slimcore.methods import Method
+from tests.conftest import run_slim, write_spec
+
+
+class Toy(Method):
+    """Importances set by the test; two groups of 10 channels."""
+
+    def __init__(self) -> None:
+        self.imp = torch.linspace(0.05, 1.0, 20)
+
+    def channel_importance(self, groups: object) -> torch.Tensor:
+        return self.imp.clone()
+
+
+GROUPS = SimpleNamespace(groups=[SimpleNamespace(size=10), SimpleNamespace(size=10)])
+
+
+def make(quality=None, total=100, wanted=0.5):
+    m = Toy()
+    ctl = StrengthController(m, GROUPS, name="l1", wanted=wanted, threshold=0.05, total_steps=total,
+                             lr_at=lambda it: 0.01, quality=quality)
+    return m, ctl
+
+
+def test_feed_forward_start_and_the_strength_reaches_the_method():
+    m, ctl = make()
+    # the wanted-rank channel (~0.55) must travel to the cut 0.05 over the ramp's lr (70 steps × 0.01)
+    assert ctl.strength > 0 and m.strength == ctl.strength
+    assert 0.3 < ctl.strength * RAMP_END * 100 * 0.01 < 1.0
+
+
+def test_raises_when_the_wanted_channels_lag_behind_the_plan():
+    m, ctl = make()
+    for _ in range(40):  # importances never move: the loss resists everything
+        ctl.tick()
+    raises = [r for r in ctl.trajectory if r.get("action") == "raise"]
+    assert raises and ctl.k > 1
+    assert ctl.trajectory[-1]["strength"] > ctl.trajectory[0]["strength"]
+
+
+def test_lowers_when_ahead_and_holds_at_the_target():
+    m, ctl = make()
+    m.imp = torch.cat([torch.zeros(12), torch.ones(8)])  # 60% at zero already at the start
+    for _ in range(20):
+        ctl.tick()
+    assert any(r.get("action") == "lower" for r in ctl.trajectory) and ctl.k < 1
+    # consolidation: past the ramp, with the share at the aim, the strength stays where it was
+    m.imp = torch.cat([torch.zeros(11), torch.ones(9)])
+    for _ in range(60):
+        ctl.tick()
+    late = [r for r in ctl.trajectory if r["progress"] > RAMP_END + 0.05]
+    assert late and len({r["strength"] for r in late}) == 1
+
+
+def test_damage_halves_the_gain_and_blocks_raises_until_sound():
+    score = {"q": 0.9}
+    m, ctl = make(quality=lambda: score["q"])
+    for _ in range(10):
+        ctl.tick()
+    score["q"] = 0.9 - 2 * DAMAGE
+    for _ in range(30):
+        ctl.tick()
+    damaged = [r for r in ctl.trajectory if "damage" in r.get("action", "")]
+    assert len(damaged) >= 2
+    first = ctl.trajectory.index(damaged[0])
+    assert abs(damaged[0]["gain"] - ctl.trajectory[first - 1]["gain"] / 2) <= 1e-3 * damaged[0]["gain"]
+    assert not any(r.get("action") == "raise" for r in ctl.trajectory[first:])
+    score["q"] = 0.9
+    for _ in range(30):
+        ctl.tick()
+    assert any(r.get("action") == "raise" for r in ctl.trajectory[-20:])
+
+
+def test_resumes_from_its_state():
+    m, ctl = make()
+    for _ in range(30):
+        ctl.tick()
+    m2 = Toy()
+    again = StrengthController(m2, GROUPS, name="l1", wanted=0.5, threshold=0.9, total_steps=100,
+                               lr_at=lambda it: 0.01, start_step=30, state=ctl.state())
+    assert again.strength == ctl.strength == m2.strength and again.threshold == 0.05
+    assert again.trajectory == ctl.trajectory and again.k == ctl.k
+
+
+def test_slim_run_with_search_control(tmp_path, digits, digits_cnn):
+    from tests.zoo import save_model
+
+    model = save_model(digits_cnn, "trace", tmp_path / "m.pt", torch.randn(1, 1, 8, 8))
+    spec = write_spec(tmp_path / "spec.json", input_shape=[1, 1, 8, 8], method={"name": "ista", "search": "control"},
+                      sparse_training={"epochs": 2, "batch_size": 64}, prune={"amount": 0.3},
+                      finetune={"epochs": 1})
+    rep = tmp_path / "r.json"
+    r = run_slim("run", str(model), "--spec", str(spec), "--data", str(digits), "-o", str(tmp_path / "o.pt"),
+                 "--report", str(rep))
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(rep.read_text())
+    ctl, pilot = report["strength_control"], report["pilot"]
+    assert ctl["used"] and not pilot["used"] and "control" in pilot["why"]
+    assert ctl["checks"] == len(ctl["trajectory"]) >= 10
+    assert ctl["trajectory"][-1]["progress"] == 1.0
+    assert abs(report["method"]["strength"] - ctl["final_strength"]) <= 1e-3 * ctl["final_strength"]
