@@ -5,6 +5,8 @@ two-input network. Each runs in milliseconds so the front-door tests stay second
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
@@ -79,3 +81,25 @@ class RepeatNet(nn.Module):
         proto = self.proto(f)
         raw = self.det(f)
         return raw.flatten(2), proto, (raw, proto)
+
+
+class LayerGetterNet(nn.Module):
+    """Like torchvision's segmentation models under ``jit.script``: an ``OrderedDict`` filled in a loop over
+    submodules (IntermediateLayerGetter), and ``F.interpolate(size=x.shape[-2:])`` (a list slice)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.ModuleDict({"low": _block(3, 16), "high": _block(16, 16)})
+        self.head = nn.Conv2d(32, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        feats: dict[str, torch.Tensor] = OrderedDict()
+        y = x
+        for name, m in self.body.items():
+            y = m(y)
+            feats[name] = y
+        out = self.head(torch.cat([feats["low"], feats["high"]], 1))
+        out = nn.functional.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        result: dict[str, torch.Tensor] = OrderedDict()
+        result["out"] = out
+        return result

@@ -24,7 +24,7 @@ from torch import nn
 from slimcore import io as sio
 from slimcore.cli import main as cli_main
 from tests.conftest import run_slim, write_spec
-from tests.multiio_models import DetectNet, RepeatNet, SegNet, TwoInputNet, make
+from tests.multiio_models import DetectNet, LayerGetterNet, RepeatNet, SegNet, TwoInputNet, make
 
 FORMATS = ["script", "trace", "pt2", "onnx"]
 SUFFIX = {"script": ".pt", "trace": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
@@ -327,3 +327,13 @@ def test_onnx_output_listed_twice(tmp_path):
     assert [g.shape for g in got] == [w.shape for w in ort.InferenceSession(
         str(path), providers=["CPUExecutionProvider"]).run(None, {onnx_names(path)[0][0]: x})]
     assert np.array_equal(got[1], got[3])
+
+
+def test_scripted_dict_filled_in_a_loop(tmp_path):
+    """torchvision's scripted segmentation models build their features dict with ``_set_item`` in a loop and
+    slice ``x.shape[-2:]``: both are followed at lift time (they once failed as 'internal error: high')."""
+    path = save_as_user(make(LayerGetterNet), "script", (torch.rand(2, *IMG),), tmp_path / "model.pt", [], [])
+    out, _ = slim(tmp_path, path, images(tmp_path / "x.npz"), task="distillation", input_shape=[1, *IMG])
+    fresh = (torch.rand(3, *IMG, generator=torch.Generator().manual_seed(3)),)
+    got, want = run_file(out, "script", fresh), run_file(path, "script", fresh)
+    assert list(got) == list(want) == ["out"] and got["out"].shape == want["out"].shape

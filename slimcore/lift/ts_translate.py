@@ -281,8 +281,9 @@ class Lifter:
 
     def _getitem_or_call(self, n: torch._C.Node, fn: Any) -> None:
         args = [self._get(v) for v in n.inputs()]
-        if fn is operator.getitem and isinstance(args[0], list | tuple) and isinstance(args[1], int):
-            self._bind(n, args[0][args[1]])  # indexing a list we built: no node needed
+        if fn is operator.getitem and (isinstance(args[0], list | tuple) and isinstance(args[1], int)
+                                       or isinstance(args[0], dict) and args[1] in args[0]):
+            self._bind(n, args[0][args[1]])  # indexing a list or dict we built: no node needed
         else:
             self._bind(n, self._call(fn, tuple(args), n))
         if fn is operator.getitem and n.inputsAt(0).unique() in self.alias_root:
@@ -296,6 +297,17 @@ class Lifter:
                 raise _unsupported(n, "append to a list computed at run time")
             lst.append(self.env[ins[1].unique()])
             self._bind(n, lst)
+        elif name == "slice" and ins[0].type().kind() == "ListType":  # ``x.shape[-2:]``: a list slice
+            lst, *bounds = (self._get(v) for v in ins)
+            cut = slice(*(bounds + [None] * (3 - len(bounds)))[:3])
+            self._bind(n, lst[cut] if isinstance(lst, list) else self._call(operator.getitem, (lst, cut), n))
+        elif name == "dict" and not ins:  # an empty dict (OrderedDict()) filled below at lift time
+            self._bind(n, {})
+        elif name == "_set_item":  # dicts too (torchvision's IntermediateLayerGetter fills one in a loop)
+            d = self.env.get(ins[0].unique())
+            if not isinstance(d, dict):
+                raise _unsupported(n, "setting an item of a dict computed at run time")
+            d[self._get(ins[1])] = self._get(ins[2])
         elif name == "addmm" and self._addmm_as_linear(n):
             pass
         elif name in _SCALAR_OPS and all(v.type().kind() in _NON_TENSOR for v in ins):
