@@ -171,8 +171,12 @@ def _check_signature(module: torch.jit.ScriptModule) -> int:
         raise UnsupportedModel(f"forward({sig}) must take tensor inputs only")
     if len(rets) != 1 or not _tensors_only(rets[0].type):
         kinds = ", ".join(str(r.type) for r in rets)
+        # torchvision's scripted GoogLeNet/Inception return a NamedTuple whose aux outputs are None in eval
+        hint = ("; a named tuple or an optional output cannot be rebuilt: save the model with torch.jit.trace or "
+                "torch.export instead, which keep the tensors it returns") \
+            if "__torch__" in kinds or "Optional" in kinds or "None" in kinds else ""
         raise UnsupportedModel(f"forward returns {kinds}; supported: a tensor, or a tuple, list or dict "
-                               "(string keys) of tensors")
+                               f"(string keys) of tensors{hint}")
     return len(args)
 
 
