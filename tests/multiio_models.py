@@ -103,3 +103,17 @@ class LayerGetterNet(nn.Module):
         result: dict[str, torch.Tensor] = OrderedDict()
         result["out"] = out
         return result
+
+
+class ListJoinNet(nn.Module):
+    """Like timm's DLA under ``jit.script``: ``torch.cat([x] + children, 1)``, a list joined with ``+``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = _block(3, 16), _block(16, 16)
+        self.head = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(x)
+        children = [self.b(a)]
+        return self.head(torch.cat([a] + children, 1)).mean((2, 3))

@@ -24,7 +24,7 @@ from torch import nn
 from slimcore import io as sio
 from slimcore.cli import main as cli_main
 from tests.conftest import run_slim, write_spec
-from tests.multiio_models import DetectNet, LayerGetterNet, RepeatNet, SegNet, TwoInputNet, make
+from tests.multiio_models import DetectNet, LayerGetterNet, ListJoinNet, RepeatNet, SegNet, TwoInputNet, make
 
 FORMATS = ["script", "trace", "pt2", "onnx"]
 SUFFIX = {"script": ".pt", "trace": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
@@ -337,3 +337,13 @@ def test_scripted_dict_filled_in_a_loop(tmp_path):
     fresh = (torch.rand(3, *IMG, generator=torch.Generator().manual_seed(3)),)
     got, want = run_file(out, "script", fresh), run_file(path, "script", fresh)
     assert list(got) == list(want) == ["out"] and got["out"].shape == want["out"].shape
+
+
+def test_scripted_list_joined_with_plus(tmp_path):
+    """``[x] + children`` under jit.script is joined at lift time, and the concat's channels are followed
+    (it once ended in 'internal error: Node object is not iterable')."""
+    path = save_as_user(make(ListJoinNet), "script", (torch.rand(2, *IMG),), tmp_path / "model.pt", [], [])
+    out, report = slim(tmp_path, path, images(tmp_path / "x.npz"), task="distillation", input_shape=[1, *IMG])
+    assert report["removed_channels"] > 0 and report["prunable_bn_channels"]["share"] == 1.0
+    fresh = (torch.rand(3, *IMG, generator=torch.Generator().manual_seed(3)),)
+    assert run_file(out, "script", fresh).shape == run_file(path, "script", fresh).shape

@@ -116,7 +116,11 @@ def binary(cx: Context, node: fx.Node) -> None:
 
 @RULES.register("cat")
 def cat(cx: Context, node: fx.Node) -> None:
-    xs = list(_arg(node, 0, "tensors", []))
+    xs = _arg(node, 0, "tensors", [])
+    if isinstance(xs, fx.Node):  # a list computed at run time: its members cannot be followed
+        cx.pin_inputs(node, f"{node.name} concatenates a list built at run time")
+        return
+    xs = list(xs)
     dim = _arg(node, 1, "dim", 0)
     out = _shape(cx, node)
     if out is None or not xs:

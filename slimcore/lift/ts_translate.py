@@ -310,6 +310,9 @@ class Lifter:
             d[self._get(ins[1])] = self._get(ins[2])
         elif name == "addmm" and self._addmm_as_linear(n):
             pass
+        elif name == "add" and all(isinstance(self.env.get(v.unique()), list) for v in ins):
+            # ``[x] + children`` (timm's DLA under jit.script): lists we hold are joined at lift time
+            self._bind(n, [item for v in ins for item in self.env[v.unique()]])
         elif name in _SCALAR_OPS and all(v.type().kind() in _NON_TENSOR for v in ins):
             self._bind(n, self._call(_SCALAR_OPS[name], tuple(self._get(v) for v in ins), n))
         elif (target := getattr(aten, name, None)) is None:

@@ -1,0 +1,184 @@
+"""Issue 11's quality benchmark: what a user gets with **no strength given**, per method and way of finding it.
+
+For each model, method, strength search (``pilot``: short pilot runs first, the default; ``control``: steered
+within the one run) and target (50% / 70% of channels, ``params: 0.9``): accuracy right after pruning, after
+fine-tuning (with knowledge distillation from the original, the default), parameters and FLOPs removed, and
+wall time ÷ a bare training loop of the same epochs, data and batch size measured in the same process.
+A peer row: Torch-Pruning's ``BNScalePruner`` (network slimming) in a hand-written loop on the same model,
+data and epochs (bench-only; installed as a dev dependency), pruned to the same channel share.
+
+Models: the digits CNN (scikit-learn digits, 8×8), ResNet-18 on digits upsampled to 3×32×32, and an MLP with
+BatchNorm1d on scikit-learn's breast-cancer table (569 rows, 30 features): data sets a package ships.
+Run alone on the machine (bench/README.md): .venv/bin/python bench/bench_quality.py [--models digits,cancer]
+[--methods l1,ista,polarization] [--searches pilot,control] [--targets c50,c70,p90] [--sparse 10] [--finetune 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.bench_pipeline import bare_loop, digits32  # noqa: E402
+from slimcore.pipeline import run_job  # noqa: E402
+from slimcore.spec import parse_spec  # noqa: E402
+from tests.zoo import digits_npz, make_model, save_model, trained_digits_cnn  # noqa: E402
+
+TARGETS = {"c50": {"target": "channels", "amount": 0.5}, "c70": {"target": "channels", "amount": 0.7},
+           "p90": {"target": "params", "amount": 0.9}}
+
+
+class TableMLP(nn.Module):
+    def __init__(self, d: int = 30, width: int = 64, classes: int = 2) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d, width), nn.BatchNorm1d(width), nn.ReLU(),
+                                 nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def cancer(d: Path) -> tuple[Path, Path, nn.Module]:
+    from sklearn.datasets import load_breast_cancer
+
+    x, y = load_breast_cancer(return_X_y=True)
+    x = ((x - x.mean(0)) / x.std(0)).astype("float32")
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(x))
+    x, y = x[order], y[order].astype("int64")
+    npz = d / "cancer.npz"
+    np.savez(npz, x=x[:450], y=y[:450], x_val=x[450:], y_val=y[450:])
+    torch.manual_seed(0)
+    model = TableMLP()
+    bare_loop(model, torch.from_numpy(x[:450]), torch.from_numpy(y[:450]), 30, 32, 0.05)
+    return npz, save_model(model.eval(), "pt2", d / "cancer.pt2", torch.zeros(1, 30)), model
+
+
+def prepare(name: str, d: Path) -> tuple[Path, Path, nn.Module]:
+    """(data, the uploaded .pt2, the eager model it was saved from: the bare loop and the peer train that)."""
+    if name == "digits":
+        npz = digits_npz(d / "digits.npz")
+        model = trained_digits_cnn(npz)
+        return npz, save_model(model, "pt2", d / "digits.pt2", torch.zeros(1, 1, 8, 8)), model
+    if name == "cancer":
+        return cancer(d)
+    npz = digits32(d)
+    data = np.load(npz)
+    model = make_model(name)
+    torch.manual_seed(0)
+    bare_loop(model, torch.from_numpy(data["x"]), torch.from_numpy(data["y"]), 4, 64, 0.05)
+    return npz, save_model(model.eval(), "pt2", d / f"{name}.pt2", torch.zeros(1, 3, 32, 32)), model
+
+
+def bare_seconds(eager: nn.Module, npz: Path, epochs: int, bs: int) -> float:
+    """A plain SGD loop over the same data, epochs and batch size, on a copy of the eager model."""
+    model = copy.deepcopy(eager)
+    data = np.load(npz)
+    return bare_loop(model, torch.from_numpy(data["x"]), torch.from_numpy(data["y"]), epochs, bs, 0.01)
+
+
+def tp_peer(eager: nn.Module, npz: Path, amount: float, sparse: int, finetune: int) -> dict:
+    """Torch-Pruning's BNScalePruner (network slimming) with a hand-written loop: sparse training with its
+    regularizer, one global prune to ``amount`` of channels, fine-tuning; same epochs, batch 64."""
+    import torch_pruning as tp
+
+    data = np.load(npz)
+    x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"])
+    xv, yv = torch.from_numpy(data["x_val"]), torch.from_numpy(data["y_val"])
+    model = copy.deepcopy(eager)
+    pruner = tp.pruner.BNScalePruner(model, torch.zeros(1, 1, 8, 8), importance=tp.importance.BNScaleImportance(),
+                                     global_pruning=True, pruning_ratio=amount, reg=1e-4,
+                                     ignored_layers=[model.head[-1]])
+    t0 = time.perf_counter()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(sparse):
+        model.train()
+        for i in range(0, len(x), 64):
+            loss = nn.functional.cross_entropy(model(x[i:i + 64]), y[i:i + 64])
+            opt.zero_grad()
+            loss.backward()
+            pruner.regularize(model)
+            opt.step()
+    base = sum(p.numel() for p in eager.parameters())
+    pruner.step()
+    acc_pruned = _acc(model, xv, yv)
+    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
+    for _ in range(finetune):
+        model.train()
+        for i in range(0, len(x), 64):
+            loss = nn.functional.cross_entropy(model(x[i:i + 64]), y[i:i + 64])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return {"pruned": acc_pruned, "finetuned": _acc(model, xv, yv), "seconds": time.perf_counter() - t0,
+            "params_removed": 1 - sum(p.numel() for p in model.parameters()) / base}
+
+
+def _acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="digits,cancer")
+    ap.add_argument("--methods", default="l1,group_lasso,ista,receding,polarization")
+    ap.add_argument("--searches", default="pilot,control")
+    ap.add_argument("--targets", default="c50,c70,p90")
+    ap.add_argument("--sparse", type=int, default=10)
+    ap.add_argument("--finetune", type=int, default=5)
+    ap.add_argument("--peer", action="store_true", help="add Torch-Pruning's BNScalePruner rows (digits only)")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    print("| model | method | search | target | acc base | acc pruned | acc fine-tuned | params removed "
+          "| FLOPs removed | near zero reached | time ÷ bare loop |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        for model_name in args.models.split(","):
+            npz, path, eager = prepare(model_name, d)
+            bs = 32 if model_name == "cancer" else 64
+            bare = bare_seconds(eager, npz, args.sparse + args.finetune, bs)
+            for method in args.methods.split(","):
+                for search in args.searches.split(","):
+                    for tkey in args.targets.split(","):
+                        spec = {"method": {"name": method, "search": search},
+                                "sparse_training": {"epochs": args.sparse, "batch_size": bs},
+                                "prune": TARGETS[tkey], "finetune": {"epochs": args.finetune, "batch_size": bs}}
+                        t0 = time.perf_counter()
+                        try:
+                            r = run_job(path, parse_spec(json.dumps(spec)), npz, d / "out.pt2", device="cpu")
+                        except Exception as e:  # a refusal is a row too
+                            print(f"| {model_name} | {method} | {search} | {tkey} | {str(e)[:80]} |", flush=True)
+                            continue
+                        secs = time.perf_counter() - t0
+                        st = r["stages"]
+                        found = r["strength_control"] if search == "control" else r["pilot"]
+                        near = found.get("near_zero_reached", found.get("sparsity_reached"))
+                        print(f"| {model_name} | {method} | {search} | {tkey} | {st['baseline']['accuracy']:.3f} "
+                              f"| {st['pruned']['accuracy']:.3f} | {st['finetuned']['accuracy']:.3f} "
+                              f"| {1 - st['finetuned']['params'] / st['baseline']['params']:.1%} "
+                              f"| {1 - st['finetuned']['flops'] / st['baseline']['flops']:.1%} "
+                              f"| {'–' if near is None else f'{near:.0%}'} | {secs / bare:.2f} |", flush=True)
+            if args.peer and model_name == "digits":
+                for amount in (0.5, 0.7):
+                    p = tp_peer(eager, npz, amount, args.sparse, args.finetune)
+                    print(f"| digits | Torch-Pruning BNScalePruner (λ 1e-4) | hand loop | c{int(amount * 100)} | – "
+                          f"| {p['pruned']:.3f} | {p['finetuned']:.3f} | {p['params_removed']:.1%} | – | – "
+                          f"| {p['seconds'] / bare:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
