@@ -6,6 +6,7 @@ two-input network. Each runs in milliseconds so the front-door tests stay second
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import List, Union  # noqa: UP035  (TorchScript reads these annotations)
 
 import torch
 from torch import nn
@@ -117,3 +118,24 @@ class ListJoinNet(nn.Module):
         a = self.a(x)
         children = [self.b(a)]
         return self.head(torch.cat([a] + children, 1)).mean((2, 3))
+
+
+class IsInstanceNet(nn.Module):
+    """Like timm's DenseNet layers under ``jit.script``: ``isinstance(x, torch.Tensor)`` on a
+    ``Union[Tensor, List[Tensor]]`` argument, decided by what the caller passes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = _block(3, 16), _block(16, 16)
+        self.head = nn.Conv2d(32, 4, 1)
+
+    def joined(self, x: Union[torch.Tensor, List[torch.Tensor]]) -> torch.Tensor:  # noqa: UP006, UP007
+        if isinstance(x, torch.Tensor):
+            prev = [x]
+        else:
+            prev = x
+        return torch.cat(prev, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(x)
+        return self.head(self.joined([a, self.b(a)])).mean((2, 3))

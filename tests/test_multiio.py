@@ -24,7 +24,16 @@ from torch import nn
 from slimcore import io as sio
 from slimcore.cli import main as cli_main
 from tests.conftest import run_slim, write_spec
-from tests.multiio_models import DetectNet, LayerGetterNet, ListJoinNet, RepeatNet, SegNet, TwoInputNet, make
+from tests.multiio_models import (
+    DetectNet,
+    IsInstanceNet,
+    LayerGetterNet,
+    ListJoinNet,
+    RepeatNet,
+    SegNet,
+    TwoInputNet,
+    make,
+)
 
 FORMATS = ["script", "trace", "pt2", "onnx"]
 SUFFIX = {"script": ".pt", "trace": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
@@ -345,5 +354,15 @@ def test_scripted_list_joined_with_plus(tmp_path):
     path = save_as_user(make(ListJoinNet), "script", (torch.rand(2, *IMG),), tmp_path / "model.pt", [], [])
     out, report = slim(tmp_path, path, images(tmp_path / "x.npz"), task="distillation", input_shape=[1, *IMG])
     assert report["removed_channels"] > 0 and report["prunable_bn_channels"]["share"] == 1.0
+    fresh = (torch.rand(3, *IMG, generator=torch.Generator().manual_seed(3)),)
+    assert run_file(out, "script", fresh).shape == run_file(path, "script", fresh).shape
+
+
+def test_scripted_isinstance_folds_at_lift_time(tmp_path):
+    """``isinstance`` on a Union argument is decided at lift time and the ``if`` on it folds (timm DenseNet
+    under jit.script once stopped at 'unsupported TorchScript op prim::isinstance')."""
+    path = save_as_user(make(IsInstanceNet), "script", (torch.rand(2, *IMG),), tmp_path / "model.pt", [], [])
+    out, report = slim(tmp_path, path, images(tmp_path / "x.npz"), task="distillation", input_shape=[1, *IMG])
+    assert report["removed_channels"] > 0
     fresh = (torch.rand(3, *IMG, generator=torch.Generator().manual_seed(3)),)
     assert run_file(out, "script", fresh).shape == run_file(path, "script", fresh).shape

@@ -223,6 +223,8 @@ class Lifter:
                 self._getattr(n)
             elif kind == "prim::If":
                 self._guard(n)
+            elif kind == "prim::isinstance":
+                self._isinstance(n)
             elif kind == "prim::Uninitialized":
                 self._bind(n, None)
             elif kind == "aten::warn":
@@ -268,9 +270,30 @@ class Lifter:
         else:
             self._bind(n, self._wrap(val, path))
 
+    def _isinstance(self, n: torch._C.Node) -> None:
+        """``isinstance(x, T)`` decided at lift time from what ``x`` is here (timm's DenseNet asks whether its
+        input is a tensor or a list of them); the ``if`` on it then folds (:meth:`_guard`)."""
+        val = self.env.get(n.input().unique())
+        kinds = {t.kind() for t in n.tys("types")}
+        checks = {"TensorType": isinstance(val, fx.Node | _Lazy), "ListType": isinstance(val, list),
+                  "TupleType": isinstance(val, tuple), "DictType": isinstance(val, dict), "NoneType": val is None,
+                  "IntType": isinstance(val, int) and not isinstance(val, bool), "FloatType": isinstance(val, float),
+                  "BoolType": isinstance(val, bool), "StringType": isinstance(val, str)}
+        if not kinds <= checks.keys():
+            raise _unsupported(n, f"isinstance against {sorted(kinds)}")
+        self._bind(n, any(checks[k] for k in kinds))
+
     def _guard(self, n: torch._C.Node) -> None:
-        """Inline an ``if`` whose other branch only raises (input checks); anything else is control flow."""
+        """Inline an ``if`` whose condition is known at lift time, or whose other branch only raises (input
+        checks); anything else is control flow."""
         blocks = list(n.blocks())
+        cond = self.env.get(n.input().unique()) if n.inputsSize() == 1 else None
+        if isinstance(cond, bool) and len(blocks) == 2:
+            keep = blocks[0] if cond else blocks[1]
+            self._block(keep)
+            for out, val in zip(n.outputs(), keep.outputs(), strict=True):
+                self.env[out.unique()] = self.env[val.unique()]
+            return
         raises = [any(m.kind() == "prim::RaiseException" for m in b.nodes()) for b in blocks]
         if len(blocks) != 2 or raises.count(True) != 1:
             raise _unsupported(n, "data-dependent control flow cannot be lifted into a static graph")
