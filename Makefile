@@ -1,4 +1,6 @@
 # The two set-up commands of the README. Both create or reuse .venv/ at the repository root.
+# make test runs two pytest workers, one per core, each file on one worker (service tests in one file share
+# a broker database), one thread each (two torch processes with default threads spin against each other).
 # pip's find-links are switched off: this machine's find-links hold a +cpu torch wheel with
 # which torchvision 0.28 fails to import (FINDINGS: the install trap).
 PY ?= python3
@@ -22,7 +24,7 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check slimcore api worker tests bench
-	$(VENV)/bin/python -m pytest -q -ra --durations=15
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest -q -ra --durations=15 -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check slimcore api worker tests bench
