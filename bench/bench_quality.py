@@ -100,28 +100,25 @@ def tp_peer(eager: nn.Module, npz: Path, amount: float, sparse: int, finetune: i
                                      global_pruning=True, pruning_ratio=amount, reg=1e-4,
                                      ignored_layers=[model.head[-1]])
     t0 = time.perf_counter()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    for _ in range(sparse):
-        model.train()
-        for i in range(0, len(x), 64):
-            loss = nn.functional.cross_entropy(model(x[i:i + 64]), y[i:i + 64])
-            opt.zero_grad()
-            loss.backward()
-            pruner.regularize(model)
-            opt.step()
+    _train(model, x, y, sparse, 0.01, lambda: pruner.regularize(model))
     base = sum(p.numel() for p in eager.parameters())
     pruner.step()
     acc_pruned = _acc(model, xv, yv)
-    opt = torch.optim.SGD(model.parameters(), lr=0.001, momentum=0.9)
-    for _ in range(finetune):
+    _train(model, x, y, finetune, 0.001, lambda: None)
+    return {"pruned": acc_pruned, "finetuned": _acc(model, xv, yv), "seconds": time.perf_counter() - t0,
+            "params_removed": 1 - sum(p.numel() for p in model.parameters()) / base}
+
+
+def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: float, after_backward) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for _ in range(epochs):
         model.train()
         for i in range(0, len(x), 64):
             loss = nn.functional.cross_entropy(model(x[i:i + 64]), y[i:i + 64])
             opt.zero_grad()
             loss.backward()
+            after_backward()
             opt.step()
-    return {"pruned": acc_pruned, "finetuned": _acc(model, xv, yv), "seconds": time.perf_counter() - t0,
-            "params_removed": 1 - sum(p.numel() for p in model.parameters()) / base}
 
 
 def _acc(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
