@@ -278,6 +278,10 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
             and fin["accuracy"] < base["accuracy"] - 0.05:
         rb.warn(f"accuracy dropped from {base['accuracy']:.3f} to {fin['accuracy']:.3f} after fine-tuning; "
                 f"consider more fine-tuning epochs or a smaller amount")
+    params_gone = 1 - fin["params"] / max(base["params"], 1)
+    if p.target == "channels" and params_gone < 0.5 * p.achieved:
+        rb.warn(f"{p.achieved:.0%} of prunable channels went but only {params_gone:.0%} of parameters: the global "
+                f"|γ| ranking took them mostly from narrow layers; to shrink the model, use prune.target 'params'")
     rb.method.update(method.describe())
     reached = pilot.get("sparsity_reached")
     if reached is not None and reached < pilot["stop_at"]:

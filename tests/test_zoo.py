@@ -157,14 +157,15 @@ def _run_case(entry: ZooEntry, fmt: str, tmp: Path, full: bool, row: dict) -> No
     if removed < MIN_REMOVED:
         whole = {k: v for k, v in (report.get("not_pruned") or {}).items() if "model's output" not in v}
         achieved = report["target"]["achieved"]
-        assert whole or achieved >= 0.4 - 0.02, \
+        said = any("narrow layers" in w for w in report["warnings"])  # the report explains the shortfall
+        assert whole or (achieved >= 0.4 - 0.02 and said), \
             f"only {removed:.0%} of parameters removed, {achieved:.0%} of channels, and nothing left whole"
         if whole:
             first = next(iter(whole.items()))
             notes.append(f"{removed:.0%} removed; {len(whole)} layers left whole, e.g. {first[0]}: {first[1]}")
         else:
             notes.append(f"{removed:.0%} of parameters removed with {achieved:.0%} of channels: the global |γ| "
-                         "ranking took them from narrow layers")
+                         "ranking took them from narrow layers (the report warns)")
     row["status"], row["reason"] = "pass", "; ".join(notes)
 
 
