@@ -3,12 +3,14 @@
 Torch-free on purpose: it reads only the report dict, so the worker draws after the job, ``slim run
 --plots DIR`` draws locally, and a report from an older run can be drawn again.
 
-Three figures (``PLOTS``):
+Up to four figures (``PLOTS``):
 - ``gamma``: per layer, the |γ| histogram before (grey) and after (blue) sparse training on the layer's
   shared bin edges, with the pruning threshold as a red line. Up to ``MAX_LAYERS`` layers, the largest
   first, so a ResNet-152 stays readable; the title says when layers were left out.
 - ``channels``: channels per layer before vs after, as horizontal bars.
 - ``stages``: accuracy (or distillation error), parameters, FLOPs and CPU latency for each stage.
+- ``strength``: only when the job searched its strength: the controller's strength and share of channels
+  near zero against the schedule (with the goal ramp), or the pilot's tries (strength against share).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-PLOTS = ("stages", "channels", "gamma")  # the order the report page shows them in
+PLOTS = ("stages", "channels", "gamma", "strength")  # the order the report page shows them in
 MAX_LAYERS = 48
 STAGE_ORDER = ("baseline", "sparse", "pruned", "finetuned")
 
@@ -118,12 +120,52 @@ def stages_png(report: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
-_DRAW = {"gamma": gamma_png, "channels": channels_png, "stages": stages_png}
+def strength_png(report: dict[str, Any]) -> bytes | None:
+    """The strength search, or None when the job did not search (a strength was given)."""
+    ctl, pilot = report.get("strength_control") or {}, report.get("pilot") or {}
+    plt = _plt()
+    if ctl.get("used") and ctl.get("trajectory"):
+        rows = ctl["trajectory"]
+        t = [r["progress"] for r in rows]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 2.8))
+        a.semilogy(t, [max(r["strength"], 1e-12) for r in rows], color="#3a7bd5")
+        a.set_title("strength (log)", fontsize=9)
+        b.plot(t, [r["near_zero"] for r in rows], color="#3a7bd5", label="near zero")
+        b.plot(t, [r["goal"] for r in rows], color="#9a9a9a", linestyle="--", label="goal")
+        damaged = [r["progress"] for r in rows if "damage" in str(r.get("action", ""))]
+        for x in damaged:
+            b.axvline(x, color="#d0021b", linewidth=0.6)
+        b.set_title("share of channels near zero (red: damage guard)", fontsize=9)
+        b.legend(fontsize=7)
+        for ax in (a, b):
+            ax.set_xlabel("share of the sparse-training schedule", fontsize=8)
+            ax.tick_params(labelsize=7)
+        fig.suptitle("strength controller", fontsize=10)
+    elif pilot.get("used") and pilot.get("tries"):
+        tries = pilot["tries"]
+        fig, ax = plt.subplots(figsize=(5, 2.8))
+        ax.set_xscale("log")
+        for r in tries:
+            ax.scatter([r["strength"]], [r["sparsity"]], color="#d0021b" if r.get("damaged") else "#3a7bd5")
+        if pilot.get("wanted_fraction") is not None:
+            ax.axhline(pilot["wanted_fraction"], color="#9a9a9a", linestyle="--")
+        ax.set_xlabel("strength", fontsize=8)
+        ax.set_ylabel("share near zero", fontsize=8)
+        ax.tick_params(labelsize=7)
+        fig.suptitle("strength pilot (red: damaged)", fontsize=10)
+    else:
+        return None
+    fig.tight_layout()
+    return _png(fig)
+
+
+_DRAW = {"gamma": gamma_png, "channels": channels_png, "stages": stages_png, "strength": strength_png}
 
 
 def render_plots(report: dict[str, Any]) -> dict[str, bytes]:
-    """Every plot as PNG bytes, by name (``PLOTS``)."""
-    return {name: _DRAW[name](report) for name in PLOTS}
+    """Every plot that applies as PNG bytes, by name (``PLOTS`` order; ``strength`` only after a search)."""
+    drawn = {name: _DRAW[name](report) for name in PLOTS}
+    return {name: png for name, png in drawn.items() if png is not None}
 
 
 def write_plots(report: dict[str, Any], directory: Path) -> list[Path]:

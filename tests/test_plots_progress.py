@@ -24,7 +24,7 @@ def _report(n_layers: int, task: str = "classification") -> dict:
 
 def test_plots_are_pngs_sized_to_their_content():
     small, big = render_plots(_report(4)), render_plots(_report(120))
-    assert list(small) == list(PLOTS)
+    assert list(small) == [p for p in PLOTS if p != "strength"]  # no strength search in this report
     for plots in (small, big):
         for data in plots.values():
             assert data.startswith(b"\x89PNG")
@@ -35,6 +35,19 @@ def test_plots_are_pngs_sized_to_their_content():
     assert MAX_LAYERS < 120
     assert Image.open(io.BytesIO(big["channels"])).size[1] > Image.open(io.BytesIO(small["channels"])).size[1]
     assert render_plots(_report(2, task="distillation"))["stages"].startswith(b"\x89PNG")
+
+
+def test_strength_plot_only_after_a_search():
+    base = _report(3)
+    assert "strength" not in render_plots({**base, "pilot": {"used": False}})
+    rows = [{"progress": t / 10, "strength": 0.01 * (1 + t), "near_zero": t / 20, "goal": min(0.52, t / 14),
+             **({"action": "damage: gain halved"} if t == 5 else {})} for t in range(1, 11)]
+    ctl = render_plots({**base, "strength_control": {"used": True, "trajectory": rows}})
+    tries = [{"strength": s, "sparsity": f, "damaged": s > 1} for s, f in ((0.01, 0.1), (0.1, 0.45), (3.0, 0.9))]
+    pilot = render_plots({**base, "pilot": {"used": True, "tries": tries, "wanted_fraction": 0.5}})
+    for plots in (ctl, pilot):
+        assert list(plots) == list(PLOTS) and plots["strength"].startswith(b"\x89PNG")
+    assert Image.open(io.BytesIO(ctl["strength"])).size[0] > Image.open(io.BytesIO(pilot["strength"])).size[0]
 
 
 def _job(phase: str | None, epoch: float | None = None, status: str = "running") -> dict:

@@ -136,7 +136,8 @@ def _plots(plots: dict[str, bytes]) -> str:
     if not plots:
         return '<h2>Plots</h2><p class="warn">This job stored no plots (it ran before plots existed, or drawing ' \
                "them failed: see the warnings).</p>"
-    titles = {"stages": "By stage", "channels": "Channels kept per layer", "gamma": "|γ| before and after"}
+    titles = {"stages": "By stage", "channels": "Channels kept per layer", "gamma": "|γ| before and after",
+              "strength": "Strength search"}
     imgs = "".join(f'<figure><figcaption>{escape(titles.get(n, n))}</figcaption><img alt="{escape(n)}" '
                    f'id="plot-{escape(n)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
                    f"</figure>" for n, data in plots.items())
