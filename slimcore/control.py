@@ -6,27 +6,26 @@ right for a short run is not right for a long one (the penalty's fight with the 
 steps). Growing regularization (Wang et al., ICLR 2021) raises the penalty during one run instead; this
 closes the loop on what the prune step needs: the wanted fraction of channels near zero when training ends.
 
-How:
-- The goal is a ramp: near-zero share ``goal(t) = wanted · min(1, t / RAMP_END)`` over the schedule's
-  progress t ∈ [0, 1], so the wanted fraction is reached by 70% of the schedule and the last 30%
-  consolidates (the loss repairs the network around the channels that went; the strength then only
-  moves to hold the share, or down on damage). ``wanted`` is the prune target's share plus ``MARGIN``, so the
-  cut falls inside channels that are already near zero.
-- Every ``check_every`` optimizer steps (about ``CHECKS`` times a run) it reads the share (one host sync)
-  and looks ahead one check using the last change: behind the goal → the strength grows, by up to ×``GAIN``
-  per check the further behind; ahead of it by more than ``TOL`` → it shrinks (÷``GAIN``); on track → held.
-  In log space and multiplicative, since good strengths span decades across models and schedules.
-- It starts at ``START`` × the strength whose push alone would move the median importance to zero over
-  the whole schedule (``strength.schedule_range``'s base), far below anything that hurts.
-- A damage guard: about ``EVALS`` times a run it evaluates a small validation slice (accuracy for
-  classification, distillation error otherwise). Worse than the start by more than ``DAMAGE`` → the strength is
-  halved and held down for two checks; the trajectory records it.
-- Works for every method through ``Method.strength`` (read by each method's per-step hook) and
-  ``Method.sparsity``; ISTA counts exact zeros, the others importance under a tenth of the starting
-  median (the pilot's rule).
+How (details on :class:`StrengthController`):
+- The wanted share is the prune target's share plus ``MARGIN``, so the cut falls inside channels that are
+  already near zero. It should be reached by ``RAMP_END`` (70%) of the schedule; the last 30% consolidates
+  at the strength reached (the loss repairs the network around the channels that went).
+- Every ``check_every`` optimizer steps (about ``CHECKS`` times a run, one host sync each) the strength is
+  set to a feed-forward term — the strength whose push alone brings the channel at the wanted rank down to
+  the near-zero cut before the ramp ends, from the importances as they are now and the learning rate left
+  — times a gain that grows (×``GAIN``) while that channel lags its planned path and shrinks when it runs
+  ahead. Multiplicative, since good strengths span decades across models and schedules; capped at
+  ``CAP`` × the first value.
+- "Near zero" for the share is relative to the channel's own group (under ``RELATIVE`` × its largest
+  importance; ISTA: also exactly zero), because BatchNorm before a conv is scale-invariant.
+- A damage guard: about ``EVALS`` times a run it evaluates 256 validation samples (accuracy, or minus the
+  distillation error). Worse than at the start by more than ``DAMAGE`` → the gain is halved, and no raise
+  happens until a reading is sound again.
+- Works for every method through ``Method.strength`` (read by each method's per-step hook), with a rough
+  per-method push factor (``_PUSH``) that the gain corrects.
 
-The report's ``strength_control`` holds the settings and the trajectory (progress, strength, share
-near zero, goal, and the guard's readings), plotted with the other figures.
+The report's ``strength_control`` holds the settings and the trajectory (progress, strength, gain, share
+near zero, goal, and the guard's readings), drawn in the ``strength`` plot.
 """
 
 from __future__ import annotations

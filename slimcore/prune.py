@@ -254,11 +254,12 @@ def removal_culprits(gs: GroupSet, p: Plan, reduce: str, top: int = 5) -> list[d
         imp = g.importance(reduce).float().cpu()
         keep = torch.ones(imp.numel(), dtype=torch.bool)
         keep[idx.cpu()] = False
+        gone = imp[~keep]
         kept_max = float(imp[keep].max()) if bool(keep.any()) else 0.0
-        worst = float(imp[idx.cpu()].max())
+        worst = float(gone.max())
         rows.append({"layer": g.root_name, "removed": int(idx.numel()), "of": int(imp.numel()),
                      "largest_removed": round(worst, 6), "largest_kept": round(kept_max, 6),
                      "relative": round(worst / kept_max, 4) if kept_max > 0 else None,
-                     "importance_share_removed": round(float(imp[idx.cpu()].sum() / imp.sum().clamp_min(1e-12)), 4)})
+                     "importance_share_removed": round(float(gone.sum() / imp.sum().clamp_min(1e-12)), 4)})
     rows.sort(key=lambda r: -(r["relative"] if r["relative"] is not None else 1.0))
     return rows[:top]

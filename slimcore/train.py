@@ -93,8 +93,8 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
 
 
 def make_optimizer(params: object, spec: TrainSpec) -> torch.optim.Optimizer:
-    """SGD with momentum (the papers') or AdamW with ``momentum`` as β1. Parameter groups (ISTA's γ group)
-    keep their own overrides in both."""
+    """SGD with momentum (the papers') or AdamW with ``momentum`` as β1. A method's parameter-group overrides
+    are SGD's (ISTA sets momentum 0 on γ): AdamW ignores the momentum key, so its moments apply to γ too."""
     if spec.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=spec.lr, betas=(spec.momentum, 0.999), weight_decay=spec.weight_decay)
     return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
