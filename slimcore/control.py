@@ -10,19 +10,19 @@ How (details on :class:`StrengthController`):
 - The wanted share is the prune target's share plus ``MARGIN``, so the cut falls inside channels that are
   already near zero. It should be reached by ``RAMP_END`` (70%) of the schedule; the last 30% consolidates
   at the strength reached (the loss repairs the network around the channels that went).
-- Every ``check_every`` optimizer steps (about ``CHECKS`` times a run, one host sync each) the strength is
-  set to a feed-forward term — the strength whose push alone brings the channel at the wanted rank down to
-  the near-zero cut before the ramp ends, from the importances as they are now and the learning rate left
-  — times a gain that grows (×``GAIN``) while that channel lags its planned path and shrinks when it runs
-  ahead. Multiplicative, since good strengths span decades across models and schedules; capped at
-  ``CAP`` × the first value.
-- "Near zero" for the share is relative to the channel's own group (under ``RELATIVE`` × its largest
-  importance; ISTA: also exactly zero), because BatchNorm before a conv is scale-invariant.
+- The strength starts at the method's own default and grows (×1.3 at most per check, about ``CHECKS``
+  checks a run, one host sync each) while the wanted-rank channel lags its planned path; it eases off when
+  ahead. Multiplicative, since good strengths span decades across models and schedules.
+- "Near zero" is relative to the channel's own group (under ``RELATIVE`` × its largest importance; ISTA:
+  also exactly zero), because BatchNorm before a conv is scale-invariant: an absolute cut is reached by
+  shrinking a whole layer, which removes nothing without cost.
 - A damage guard: about ``EVALS`` times a run it evaluates 256 validation samples (accuracy, or minus the
-  distillation error). Worse than at the start by more than ``DAMAGE`` → the gain is halved, and no raise
-  happens until a reading is sound again.
-- Works for every method through ``Method.strength`` (read by each method's per-step hook), with a rough
-  per-method push factor (``_PUSH``) that the gain corrects.
+  distillation error). Worse than at the start by more than ``DAMAGE`` → the strength is halved, never
+  again exceeds that value, and no raise happens until a reading is sound again. For L1 on γ this guard
+  is what stops the strength: its penalty shrinks whole layers, so the relative share moves late.
+- ISTA spares each group's strongest channel from its shrink (``Ista.spare_strongest``): the proximal
+  step subtracts one τ from a whole layer and zeroed every channel of the digits CNN at once.
+- Works for every method through ``Method.strength`` (read by each method's per-step hook).
 
 The report's ``strength_control`` holds the settings and the trajectory (progress, strength, gain, share
 near zero, goal, and the guard's readings), drawn in the ``strength`` plot.
@@ -38,31 +38,31 @@ from .methods import Method
 RAMP_END = 0.7
 MARGIN = 0.02
 TOL = 0.02
-GAIN = 1.5
+STEP = 0.3  # the most a check raises the strength by (×1.3), when far behind
+BACKOFF = 0.5
 CHECKS = 100
-EVALS = 10
-CAP = 100.0  # the strength never exceeds this multiple of its first value (a runaway wrecks the network)
+EVALS = 20
+CAP = 1e4  # the strength never exceeds this multiple of its first value (the method's default)
 RELATIVE = 0.1  # a channel is near zero under this fraction of its group's largest importance
-DAMAGE = 0.05  # accuracy points (classification) or relative squared output error (distillation)
-# How hard each method's penalty pushes per unit strength compared with L1's sign(γ): polarization's net
-# push on a small γ is λ(t − 1) = 0.2λ at t = 1.2; ISTA's step lr·ρ·λ_l has λ_l ≈ 5–15 (FINDINGS);
-# receding moves w in logit space, ~0.1κ per unit, over a distance ~5 (strength.py's _DISTANCE).
-_PUSH = {"polarization": 0.2, "ista": 10.0, "receding": 0.02}
+DAMAGE = 0.02  # accuracy points (classification) or relative squared output error (distillation)
 
 
 class StrengthController:
     """Steers ``method.strength`` during one run; ``tick()`` after every optimizer step.
 
-    The strength is a feed-forward term times an adapted gain ``k``. Feed-forward: the strength whose push
-    alone moves the channel at the wanted rank (importance ``γ_w``) down to the near-zero cut by the end of
-    the ramp, ``(γ_w − cut) / (push · Σ lr_eff)`` over the steps left (``cut`` itself once γ_w is below it, so
-    the penalty keeps holding the channels down while the rest consolidates). It shrinks by itself as the
-    channels arrive, which is what keeps a lagging response from overshooting. The gain absorbs what the
-    model does not say (the loss resisting, the method's true push): behind the goal → ``k`` grows by up
-    to ×``GAIN`` per check, ahead → it shrinks, damage → halved.
+    Growing regularization with feedback, everything measured *within each channel's group* (a BatchNorm
+    followed by a conv is scale-invariant, so an absolute |γ| can fall for a whole layer while no channel
+    becomes removable). The signal is the relative importance at the wanted rank, ``r_w`` (the wanted
+    quantile of importance ÷ its group's largest), planned to fall from where it starts to ``RELATIVE``
+    in proportion to the learning rate spent, by the end of the ramp. Every check: ``r_w`` above its plan
+    (or the near-zero share under its goal) → strength × (1 + up to ``STEP``, by how far behind); below
+    its plan and the share over its goal → ÷ (1 + ``STEP``/2). Damage → × ``BACKOFF`` and no raise until
+    the guard reads the model as sound again. After the ramp the strength only holds or falls: a raise
+    there has nothing left to steer against and is what collapsed whole layers (ISTA) in early versions.
 
-    ``quality()`` returns the guard's reading, higher = better (accuracy, or minus the distillation error),
-    or None when there is nothing to measure (then only sparsity steers). ``lr_at(step)`` is the trainer's
+    The start is the method's own default (the paper's value): low, since a strength too high at the start
+    wrecks a network before any reading can say so. ``k`` (strength ÷ start) is the gain the plot draws.
+    ``quality()`` returns the guard's reading, higher = better, or None. ``lr_at(step)`` is the trainer's
     schedule, ``lr_gain`` its momentum factor 1/(1 − m) (1 for ISTA's momentum-free γ step).
     """
 
@@ -79,23 +79,31 @@ class StrengthController:
         self.total = max(1, total_steps)
         self.ramp_steps = max(1, round(RAMP_END * self.total))
         self.check_every = max(1, self.total // CHECKS)
-        self.eval_every = max(self.check_every, self.total // EVALS)
-        self.push = _PUSH.get(name, 1.0)
+        # a multiple of check_every: readings happen at checks only (an earlier version read every 10th check)
+        self.eval_every = self.check_every * max(1, round(self.total / EVALS / self.check_every))
         self.cum_lr = np.cumsum(np.fromiter((lr_at(s) * lr_gain for s in range(self.total)), float, self.total))
         self.quality = quality
         self.step = start_step
-        self.k = float(st.get("k", 1.0))
         self.q0: float | None = st.get("q0")
         self.damaged = bool(st.get("damaged", False))
-        self.held: tuple[float, float] | None = tuple(st["held"]) if st.get("held") else None  # type: ignore[assignment]
         self.trajectory: list[dict[str, Any]] = list(st.get("trajectory", []))
         if self.q0 is None and quality is not None:
             self.q0 = quality()
-        imp0 = self._importance()
-        self.gw0 = float(st.get("gw0", self._rank_importance(imp0)))
-        self.strength = float(st["strength"]) if "strength" in st else self._feed_forward(imp0)
-        self.first = float(st.get("first", self.strength))
+        self.r0 = float(st.get("r0", self._rank_relative(self._importance())))
+        self.first = float(st.get("first", method.strength if method.strength > 0 else 1e-4))
+        self.strength = float(st.get("strength", self.first))
+        self.ceiling = float(st.get("ceiling", CAP * self.first))
         self.method.strength = self.strength
+        self._spare()
+
+    def _spare(self) -> None:
+        spare = getattr(self.method, "spare_strongest", None)  # ISTA: see Ista.spare_strongest
+        if spare is not None:
+            spare()
+
+    @property
+    def k(self) -> float:
+        return self.strength / max(self.first, 1e-30)
 
     def goal(self, progress: float) -> float:
         return self.wanted * min(1.0, progress / RAMP_END)
@@ -103,48 +111,41 @@ class StrengthController:
     def _importance(self) -> Any:
         return self.method.channel_importance(self.groups)
 
-    def _lr_sum(self, start: int, end: int) -> float:
-        end = min(end, self.total)
-        if end <= start:
-            return float(self.cum_lr[-1] - self.cum_lr[-2]) if self.total > 1 else float(self.cum_lr[-1])
-        return float(self.cum_lr[end - 1] - (self.cum_lr[start - 1] if start > 0 else 0.0))
+    def _relative(self, imp: Any) -> Any:
+        """Each importance ÷ its group's largest (0 where the whole group is 0)."""
+        import torch
+
+        sizes = [g.size for g in self.groups.groups]
+        if not imp.numel() or not sizes:
+            return imp
+        top = torch.cat([part.max().expand(part.numel()) for part in imp.split(sizes)])
+        return torch.where(top > 0, imp / top.clamp_min(1e-30), torch.zeros_like(imp))
 
     def _share(self, imp: Any) -> float:
         """Share of channels near zero *within their group*: under ``RELATIVE`` × the group's largest importance
-        (or under the absolute cut). A BatchNorm followed by a conv is scale-invariant, so the penalty can
-        shrink a whole layer's γ below any absolute cut while every channel still matters; only channels small
-        next to their layer's strongest go without cost."""
-        import torch
-
+        (or exactly zero). Only channels small next to their layer's strongest go without cost."""
         if not imp.numel():
             return 0.0
-        sizes = [g.size for g in self.groups.groups]
-        top = torch.cat([part.max().expand(part.numel()) for part in imp.split(sizes)]) if sizes else imp
-        small = (imp < RELATIVE * top) | (imp == 0)
+        small = (self._relative(imp) < RELATIVE) | (imp == 0)
         if self.method.exact_zeros:
             small &= imp < self.threshold
         return float(small.float().mean())
 
-    def _rank_importance(self, imp: Any) -> float:
-        """Importance of the channel at the wanted rank (the one the cut must reach)."""
+    def _rank_relative(self, imp: Any) -> float:
+        """Relative importance of the channel at the wanted rank (the one the cut must reach)."""
         import torch
 
-        return float(torch.quantile(imp.float(), min(self.wanted, 1.0))) if imp.numel() else 0.0
+        rel = self._relative(imp)
+        return float(torch.quantile(rel.float(), min(self.wanted, 1.0))) if rel.numel() else 0.0
+
+    def _lr_done(self, step: int) -> float:
+        ramp = float(self.cum_lr[min(self.ramp_steps, self.total) - 1])
+        return float(self.cum_lr[min(step, self.ramp_steps) - 1]) / max(ramp, 1e-12) if step > 0 else 0.0
 
     def _plan(self, step: int) -> float:
-        """Where the wanted-rank importance should be at ``step``: from its start down to the cut, in
-        proportion to the learning rate spent (the penalty moves γ per unit of lr), by the end of the ramp."""
-        done = self._lr_sum(0, min(step, self.ramp_steps)) / max(self._lr_sum(0, self.ramp_steps), 1e-12)
-        return self.gw0 + (self.threshold - self.gw0) * min(1.0, done)
-
-    def _feed_forward(self, imp: Any) -> float:
-        gw = self._rank_importance(imp)
-        # never plan to arrive sooner than a fifth of the schedule ahead: the steps left in the ramp shrink to
-        # nothing at its end, and a strength computed for them would spike and collapse the network
-        end = max(self.ramp_steps, self.step + max(self.check_every, self.total // 5))
-        span = self._lr_sum(self.step, end)
-        distance = max(gw - self.threshold, self.threshold, 1e-8)
-        return min(10.0, self.k * distance / max(self.push * span, 1e-12))
+        """Where the wanted-rank relative importance should be at ``step``: from its start down to
+        ``RELATIVE`` in proportion to the learning rate spent (the penalty moves γ per unit of lr)."""
+        return self.r0 + (min(RELATIVE, self.r0) - self.r0) * min(1.0, self._lr_done(step))
 
     def tick(self) -> None:
         self.step += 1
@@ -156,46 +157,40 @@ class StrengthController:
         q = self.quality() if self.quality is not None and (self.step % self.eval_every == 0
                                                            or self.step == self.total) else None
         goal = self.goal(t)
+        rw, plan = self._rank_relative(imp), self._plan(self.step)
         row: dict[str, Any] = {"progress": round(t, 4), "strength": float(f"{self.strength:.4g}"),
-                               "near_zero": round(share, 4), "goal": round(goal, 4)}
+                               "near_zero": round(share, 4), "goal": round(goal, 4),
+                               "wanted_rank_relative": round(rw, 4), "plan": round(plan, 4)}
         if q is not None:
             row["quality"] = round(q, 4)
-        gw = self._rank_importance(imp)
-        plan = self._plan(self.step)
-        row["wanted_rank_importance"] = float(f"{gw:.4g}")
         if q is not None and self.q0 is not None:
             self.damaged = q < self.q0 - DAMAGE
+        ramp = self.step < self.ramp_steps
         if q is not None and self.damaged:
-            self.k *= 0.5
-            row["action"] = "damage: gain halved"
-        else:
-            slack = 0.1 * max(self.gw0 - self.threshold, self.threshold)
-            ramp = self.step < self.ramp_steps
-            behind = gw > plan + slack if ramp else share < self.wanted - TOL
-            ahead = (gw < plan - slack or share > goal + 2 * TOL) if ramp else share > self.wanted + 2 * TOL
-            if behind and not self.damaged:  # no raise until the guard reads the model as sound again
-                self.k *= GAIN
+            self.strength *= BACKOFF
+            self.ceiling = min(self.ceiling, self.strength)  # never again as high as what did damage
+            row["action"] = "damage: backed off"
+        elif ramp:
+            lag = max(rw - plan, goal - share) if share < goal - TOL or rw > plan + TOL else 0.0
+            if lag > 0 and not self.damaged:  # no raise until the guard reads the model as sound again
+                self.strength *= 1 + STEP * min(1.0, lag / 0.1)
                 row["action"] = "raise"
-            elif ahead:
-                self.k /= GAIN
+            elif rw < plan - TOL and share > goal + 2 * TOL:
+                self.strength /= 1 + STEP / 2
                 row["action"] = "lower"
-        self.k = min(max(self.k, 1e-4), 1e4)
-        if self.step < self.ramp_steps:
-            self.strength = self._feed_forward(imp)
-            self.held = None
-        else:  # consolidation: the strength reached at the ramp's end, only scaled by the gain's changes since
-            if self.held is None:
-                self.held = (self.strength, self.k)
-            self.strength = min(10.0, self.held[0] * self.k / self.held[1])
-        self.strength = min(self.strength, CAP * self.first)
+        elif share > self.wanted + 2 * TOL:  # consolidation: hold, or ease off an overshoot
+            self.strength /= 1 + STEP / 2
+            row["action"] = "lower"
+        self.strength = min(self.strength, self.ceiling)
         row["gain"] = float(f"{self.k:.4g}")
         self.method.strength = self.strength
+        self._spare()
         self.trajectory.append(row)
 
     def state(self) -> dict[str, Any]:
         """What a resumed run needs to continue steering (kept in the checkpoint)."""
-        return {"strength": self.strength, "k": self.k, "q0": self.q0, "damaged": self.damaged, "first": self.first,
-                "gw0": self.gw0, "held": self.held, "threshold": self.threshold, "trajectory": self.trajectory}
+        return {"strength": self.strength, "ceiling": self.ceiling, "q0": self.q0, "damaged": self.damaged,
+                "first": self.first, "r0": self.r0, "threshold": self.threshold, "trajectory": self.trajectory}
 
     def record(self) -> dict[str, Any]:
         final = self.trajectory[-1] if self.trajectory else {}

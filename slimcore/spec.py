@@ -48,10 +48,12 @@ class MethodSpec(_Strict):
 
     ``strength`` is λ (L1, group lasso, polarization), ρ (ISTA) or κ (receding). When left out, it is
     found from the data, because the papers' defaults were tuned for long CIFAR schedules: with
-    ``search: "pilot"`` (the default) ``pilot_runs`` short pilot runs pick it first (slimcore/strength.py);
-    with ``search: "control"`` (experimental, no extra epochs) one sparse-training run raises and lowers it
-    as it goes so the wanted-rank channel's importance follows a ramp down to the near-zero cut
-    (slimcore/control.py; bench/README.md has how far it gets); with ``search: "none"`` (or
+    ``search: "control"`` (the default, no extra epochs) one sparse-training run starts at the paper's
+    value and raises it (growing regularization) so that the share of channels near zero within their
+    layer follows a ramp to the wanted fraction by 70% of the run, backing off when validation accuracy
+    drops (slimcore/control.py); with ``search: "pilot"`` (the default before, and what a spec that sets
+    ``pilot_runs`` without ``search`` gets) ``pilot_runs`` short pilot runs pick it first
+    (slimcore/strength.py); with ``search: "none"`` (or
     ``pilot_runs: 0``, its older spelling) the paper's default is used. ``group``:
     for ``l1``, regularize each coupled channel group by the aggregate of its |γ| instead of each γ alone
     (the group-level form).
@@ -65,9 +67,8 @@ class MethodSpec(_Strict):
     offset: float = 0.0
     alpha: Annotated[float, Field(gt=0)] = 1.0
     search: Literal["pilot", "control", "none"] = Field(
-        "pilot", description="how the strength is found when none is given: pilot (short pilot runs first), "
-                             "control (experimental: steered within the one sparse-training run) or none "
-                             "(the paper's default)")
+        "control", description="how the strength is found when none is given: control (steered within the one "
+                               "sparse-training run), pilot (short pilot runs first) or none (the paper's default)")
     pilot_runs: Annotated[int, Field(ge=0, le=12)] = Field(
         5, description="with search 'pilot': short sparse-training runs that pick the strength (0: paper default)")
 
@@ -75,8 +76,11 @@ class MethodSpec(_Strict):
         """How this spec finds its strength: 'given', 'control', 'pilot' or 'none'."""
         if self.strength is not None:
             return "given"
-        if self.pilot_runs == 0 and "pilot_runs" in self.model_fields_set:
-            return "none"  # the older spelling of "use the paper's default"
+        if "pilot_runs" in self.model_fields_set and "search" not in self.model_fields_set:
+            # older specs: pilot_runs 0 meant "the paper's default", a count meant "run the pilot"
+            return "none" if self.pilot_runs == 0 else "pilot"
+        if self.pilot_runs == 0 and "pilot_runs" in self.model_fields_set and self.search == "pilot":
+            return "none"
         return self.search
 
 
