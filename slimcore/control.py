@@ -11,15 +11,18 @@ How (details on :class:`StrengthController`):
   already near zero. It should be reached by ``RAMP_END`` (70%) of the schedule; the last 30% consolidates
   at the strength reached (the loss repairs the network around the channels that went).
 - The strength starts at the method's own default and grows (×1.3 at most per check, about ``CHECKS``
-  checks a run, one host sync each) while the wanted-rank channel lags its planned path; it eases off when
-  ahead. Multiplicative, since good strengths span decades across models and schedules.
+  checks a run, one host sync each, and at most ×``GROWTH`` between two guard readings) while the
+  wanted-rank channel lags its planned path; it eases off when ahead. Multiplicative, since good strengths
+  span decades across models and schedules.
 - "Near zero" is relative to the channel's own group (under ``RELATIVE`` × its largest importance; ISTA:
   also exactly zero), because BatchNorm before a conv is scale-invariant: an absolute cut is reached by
   shrinking a whole layer, which removes nothing without cost.
 - A damage guard: about ``EVALS`` times a run it evaluates 256 validation samples (accuracy, or minus the
-  distillation error). Worse than at the start by more than ``DAMAGE`` → the strength is halved, never
-  again exceeds that value, and no raise happens until a reading is sound again. For L1 on γ this guard
-  is what stops the strength: its penalty shrinks whole layers, so the relative share moves late.
+  distillation error). One reading worse than at the start by more than ``DAMAGE`` holds the strength
+  (on a 119-sample split one reading is often noise, and SGD restarting on a trained model dips); two
+  in a row halve it, cap it at ``CEILING`` × the strength that did it for the rest of the run, and block
+  raises until a reading is sound again. For L1 on γ this guard is what stops the strength: its penalty
+  shrinks whole layers, so the relative share moves late.
 - ISTA spares each group's strongest channel from its shrink (``Ista.spare_strongest``): the proximal
   step subtracts one τ from a whole layer and zeroed every channel of the digits CNN at once.
 - Works for every method through ``Method.strength`` (read by each method's per-step hook).
@@ -40,11 +43,13 @@ MARGIN = 0.02
 TOL = 0.02
 STEP = 0.3  # the most a check raises the strength by (×1.3), when far behind
 BACKOFF = 0.5
+GROWTH = 4.0
+CEILING = 0.8  # after damage the strength never again exceeds this share of the strength that did it
 CHECKS = 100
 EVALS = 20
 CAP = 1e4  # the strength never exceeds this multiple of its first value (the method's default)
 RELATIVE = 0.1  # a channel is near zero under this fraction of its group's largest importance
-DAMAGE = 0.02  # accuracy points (classification) or relative squared output error (distillation)
+DAMAGE = 0.05  # accuracy (5 points, classification) or relative squared output error (distillation)
 
 
 class StrengthController:
@@ -55,10 +60,11 @@ class StrengthController:
     becomes removable). The signal is the relative importance at the wanted rank, ``r_w`` (the wanted
     quantile of importance ÷ its group's largest), planned to fall from where it starts to ``RELATIVE``
     in proportion to the learning rate spent, by the end of the ramp. Every check: ``r_w`` above its plan
-    (or the near-zero share under its goal) → strength × (1 + up to ``STEP``, by how far behind); below
-    its plan and the share over its goal → ÷ (1 + ``STEP``/2). Damage → × ``BACKOFF`` and no raise until
-    the guard reads the model as sound again. After the ramp the strength only holds or falls: a raise
-    there has nothing left to steer against and is what collapsed whole layers (ISTA) in early versions.
+    (or the near-zero share under its goal) → strength × (1 + up to ``step_max``, by how far behind); below
+    its plan and the share over its goal → ÷ (1 + ``step_max``/2). Two bad guard readings in a row → ×
+    ``BACKOFF``, a ceiling, and no raise until the guard reads the model as sound again. After the ramp the
+    strength only holds or falls: a raise there has nothing left to steer against and is what collapsed
+    whole layers (ISTA) in early versions.
 
     The start is the method's own default (the paper's value): low, since a strength too high at the start
     wrecks a network before any reading can say so. ``k`` (strength ÷ start) is the gain the plot draws.
@@ -81,6 +87,8 @@ class StrengthController:
         self.check_every = max(1, self.total // CHECKS)
         # a multiple of check_every: readings happen at checks only (an earlier version read every 10th check)
         self.eval_every = self.check_every * max(1, round(self.total / EVALS / self.check_every))
+        # at most ×GROWTH between two guard readings, so a strength that does damage is caught near where it began
+        self.step_max = min(STEP, GROWTH ** (self.check_every / self.eval_every) - 1) if quality is not None else STEP
         self.cum_lr = np.cumsum(np.fromiter((lr_at(s) * lr_gain for s in range(self.total)), float, self.total))
         self.quality = quality
         self.step = start_step
@@ -163,23 +171,29 @@ class StrengthController:
                                "wanted_rank_relative": round(rw, 4), "plan": round(plan, 4)}
         if q is not None:
             row["quality"] = round(q, 4)
+        confirmed = False
         if q is not None and self.q0 is not None:
-            self.damaged = q < self.q0 - DAMAGE
+            bad = q < self.q0 - DAMAGE
+            # one bad reading is often noise (a small validation split, SGD restarting on a trained model):
+            # it blocks raises; a second one in a row is damage
+            confirmed, self.damaged = bad and self.damaged, bad
+            if bad and not confirmed:
+                row["action"] = "suspect: hold"
         ramp = self.step < self.ramp_steps
-        if q is not None and self.damaged:
+        if confirmed:
+            self.ceiling = min(self.ceiling, CEILING * self.strength)  # never again as high as what did damage
             self.strength *= BACKOFF
-            self.ceiling = min(self.ceiling, self.strength)  # never again as high as what did damage
             row["action"] = "damage: backed off"
         elif ramp:
             lag = max(rw - plan, goal - share) if share < goal - TOL or rw > plan + TOL else 0.0
             if lag > 0 and not self.damaged:  # no raise until the guard reads the model as sound again
-                self.strength *= 1 + STEP * min(1.0, lag / 0.1)
+                self.strength *= 1 + self.step_max * min(1.0, lag / 0.1)
                 row["action"] = "raise"
             elif rw < plan - TOL and share > goal + 2 * TOL:
-                self.strength /= 1 + STEP / 2
+                self.strength /= 1 + self.step_max / 2
                 row["action"] = "lower"
         elif share > self.wanted + 2 * TOL:  # consolidation: hold, or ease off an overshoot
-            self.strength /= 1 + STEP / 2
+            self.strength /= 1 + self.step_max / 2
             row["action"] = "lower"
         self.strength = min(self.strength, self.ceiling)
         row["gain"] = float(f"{self.k:.4g}")
