@@ -41,16 +41,15 @@ ProgressFn = Callable[[str, float, dict[str, Any]], None]
 
 
 def _load_plugins() -> None:
-    """Importers and exporters register themselves on import; missing optional ones are skipped."""
+    """Importers and exporters register themselves on import. TorchScript and .pt2 load now; ONNX's load on
+    first use (``Registry.lazy``: ``import onnx`` alone costs 1.5 s, paid by every job in a fresh worker)."""
     import importlib
 
-    for mod in ("slimcore.lift.torchscript", "slimcore.lift.exported", "slimcore.lift.onnx_import",
-                "slimcore.export.pt2", "slimcore.export.torchscript", "slimcore.export.onnx"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+    for mod in ("slimcore.lift.torchscript", "slimcore.lift.exported", "slimcore.export.pt2",
+                "slimcore.export.torchscript"):
+        importlib.import_module(mod)
+    IMPORTERS.lazy("onnx", "slimcore.lift.onnx_import")
+    EXPORTERS.lazy("onnx", "slimcore.export.onnx")
 
 
 def import_model(path: Path, spec: JobSpec, workdir: Path | None = None) -> Imported:

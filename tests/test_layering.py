@@ -41,3 +41,15 @@ def test_api_import_loads_no_torch():
     code = "import sys\n" + "".join(f"import {m}\n" for m in mods) + "print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_torchscript_or_pt2_job_does_not_import_onnx():
+    """``import onnx`` costs 1.5 s and a worker runs each job in a fresh process: the ONNX importer and
+    exporter register lazily (``Registry.lazy``) and load on first use, which still works."""
+    code = ("import sys; from slimcore.pipeline import _load_plugins, IMPORTERS, EXPORTERS; _load_plugins(); "
+            "assert 'onnx' not in sys.modules, 'onnx imported'; "
+            "assert IMPORTERS.names() == ['onnx', 'pt2', 'torchscript'] and 'onnx' in EXPORTERS; "
+            "f = IMPORTERS.get('onnx'); assert 'onnx' in sys.modules and f.__name__ == 'import_onnx'; "
+            "assert EXPORTERS.get('onnx').__module__ == 'slimcore.export.onnx'; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
