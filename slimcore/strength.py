@@ -25,8 +25,9 @@ How (a documented approximation, checked after the real run):
   with enough sparsity failed too: the trajectory passes through damaged states the pilot's end did not
   have.) The report warns when the run ends short of the wanted fraction.
 
-Runs only with ``method.search: "pilot"`` (the default is the in-run controller, slimcore/control.py,
-which costs no extra epochs; the pilot stays for comparison, bench/bench_quality.py). Skipped (the
+Runs with ``method.search: "pilot"``, and with the default ``"auto"`` for l1, group lasso and receding
+(bench/README.md: better after fine-tuning there than the in-run controller, slimcore/control.py, which
+``auto`` picks for ISTA and polarization). Skipped (the
 method's paper default is used, and the report says why) for a ``threshold`` target, whose cut is not a
 fraction.
 """
@@ -109,7 +110,8 @@ def choose_strength(model: torch.nn.Module, spec: JobSpec, data: Any, example: i
     how = spec.method.strength_search()
     if how != "pilot":
         why = {"given": "the spec gives method.strength",
-               "control": "method.search is 'control': the strength is steered within the one run",
+               "control": "the strength is steered within the one run (method.search 'control', or 'auto' "
+                          "for ista and polarization)",
                "none": "method.pilot_runs is 0: the paper's default strength" if spec.method.pilot_runs == 0
                else "method.search is 'none': the paper's default strength"}[how]
         return None, {"used": False, "why": why, "strength": None}

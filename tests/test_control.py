@@ -149,3 +149,24 @@ def test_slim_run_with_search_control(tmp_path, digits, digits_cnn):
     assert ctl["checks"] == len(ctl["trajectory"]) >= 10
     assert ctl["trajectory"][-1]["progress"] == 1.0
     assert abs(report["method"]["strength"] - ctl["final_strength"]) <= 1e-3 * ctl["final_strength"]
+
+
+def test_auto_search_through_slim_run(tmp_path, digits, digits_cnn):
+    """No strength and no search: ISTA and polarization are steered in the run, l1 runs the pilot (what
+    bench_quality measured better after fine-tuning for each); the report says which and why."""
+    from tests.zoo import save_model
+
+    model = save_model(digits_cnn, "pt2", tmp_path / "m.pt2", torch.zeros(1, 1, 8, 8))
+    for name, steered in (("polarization", True), ("l1", False)):
+        spec = write_spec(tmp_path / f"{name}.json", method={"name": name},
+                          sparse_training={"epochs": 2, "batch_size": 64}, prune={"amount": 0.3},
+                          finetune={"epochs": 1})
+        rep = tmp_path / f"{name}.report.json"
+        r = run_slim("run", str(model), "--spec", str(spec), "--data", str(digits), "-o",
+                     str(tmp_path / f"{name}.pt2"), "--report", str(rep))
+        assert r.returncode == 0, r.stderr[-2000:]
+        report = json.loads(rep.read_text())
+        ctl, pilot = report["strength_control"], report["pilot"]
+        assert report["spec"]["method"]["search"] == "auto"
+        assert ctl["used"] is steered and pilot["used"] is not steered
+        assert ("'auto' for ista and polarization" in pilot["why"]) if steered else ("'auto' for l1" in ctl["why"])

@@ -18,7 +18,7 @@ from slimcore.train import kd_loss, make_optimizer
 from tests.conftest import run_slim, write_spec
 
 DOCUMENTED = {
-    ("method", "name"): "l1", ("method", "search"): "control", ("method", "pilot_runs"): 5,
+    ("method", "name"): "l1", ("method", "search"): "auto", ("method", "pilot_runs"): 5,
     ("sparse_training", "epochs"): 10, ("sparse_training", "batch_size"): 64, ("sparse_training", "lr"): 0.01,
     ("sparse_training", "optimizer"): "sgd", ("prune", "target"): "channels", ("prune", "amount"): 0.5,
     ("prune", "min_channels"): 4, ("prune", "round_to"): 1, ("finetune", "epochs"): 5,
