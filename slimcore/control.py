@@ -20,8 +20,8 @@ How (details on :class:`StrengthController`):
 - A damage guard: about ``EVALS`` times a run it evaluates 256 validation samples (accuracy, or minus the
   distillation error). One reading worse than at the start by more than ``DAMAGE`` holds the strength
   (on a 119-sample split one reading is often noise, and SGD restarting on a trained model dips); two
-  in a row halve it, cap it at ``CEILING`` × the strength that did it for the rest of the run, and block
-  raises until a reading is sound again. For L1 on γ this guard is what stops the strength: its penalty
+  in a row halve it, cap it for the rest of the run at ``CEILING`` × the strength of the last sound
+  reading (what lay between was untested), and block raises until a reading is sound again. For L1 on γ this guard is what stops the strength: its penalty
   shrinks whole layers, so the relative share moves late.
 - ISTA spares each group's strongest channel from its shrink (``Ista.spare_strongest``): the proximal
   step subtracts one τ from a whole layer and zeroed every channel of the digits CNN at once.
@@ -44,7 +44,7 @@ TOL = 0.02
 STEP = 0.3  # the most a check raises the strength by (×1.3), when far behind
 BACKOFF = 0.5
 GROWTH = 4.0
-CEILING = 0.8  # after damage the strength never again exceeds this share of the strength that did it
+CEILING = 0.8  # after damage the strength never again exceeds this share of the last one known to be safe
 CHECKS = 100
 EVALS = 20
 CAP = 1e4  # the strength never exceeds this multiple of its first value (the method's default)
@@ -101,6 +101,8 @@ class StrengthController:
         self.first = float(st.get("first", method.strength if method.strength > 0 else 1e-4))
         self.strength = float(st.get("strength", self.first))
         self.ceiling = float(st.get("ceiling", CAP * self.first))
+        self.safe = float(st.get("safe", self.first))  # the strength at the last sound guard reading
+        self.episode = bool(st.get("episode", False))  # inside a run of bad readings
         self.method.strength = self.strength
         self._spare()
 
@@ -179,9 +181,15 @@ class StrengthController:
             confirmed, self.damaged = bad and self.damaged, bad
             if bad and not confirmed:
                 row["action"] = "suspect: hold"
+            if not bad:
+                self.safe, self.episode = self.strength, False
         ramp = self.step < self.ramp_steps
         if confirmed:
-            self.ceiling = min(self.ceiling, CEILING * self.strength)  # never again as high as what did damage
+            if not self.episode:  # later bad readings of the same episode are the network still recovering
+                # the strengths between the last sound reading and this one are untested ground: the ceiling
+                # is below the last one known to be safe
+                self.ceiling = min(self.ceiling, CEILING * self.safe)
+                self.episode = True
             self.strength *= BACKOFF
             row["action"] = "damage: backed off"
         elif ramp:
@@ -203,7 +211,8 @@ class StrengthController:
 
     def state(self) -> dict[str, Any]:
         """What a resumed run needs to continue steering (kept in the checkpoint)."""
-        return {"strength": self.strength, "ceiling": self.ceiling, "q0": self.q0, "damaged": self.damaged,
+        return {"strength": self.strength, "ceiling": self.ceiling, "safe": self.safe, "episode": self.episode,
+                "q0": self.q0, "damaged": self.damaged,
                 "first": self.first, "r0": self.r0, "threshold": self.threshold, "trajectory": self.trajectory}
 
     def record(self) -> dict[str, Any]:
