@@ -21,8 +21,9 @@ How (details on :class:`StrengthController`):
   distillation error). One reading worse than at the start by more than ``DAMAGE`` holds the strength
   (on a 119-sample split one reading is often noise, and SGD restarting on a trained model dips); two
   in a row halve it, cap it for the rest of the run at ``CEILING`` × the strength of the last sound
-  reading (what lay between was untested), and block raises until a reading is sound again. For L1 on γ this guard is what stops the strength: its penalty
-  shrinks whole layers, so the relative share moves late.
+  reading (what lay between was untested), and block raises until a reading is sound again. For L1 on γ
+  this guard is what stops the strength: its penalty shrinks whole layers, so the relative share moves
+  late.
 - ISTA spares each group's strongest channel from its shrink (``Ista.spare_strongest``): the proximal
   step subtracts one τ from a whole layer and zeroed every channel of the digits CNN at once.
 - Works for every method through ``Method.strength`` (read by each method's per-step hook).
