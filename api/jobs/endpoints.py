@@ -29,7 +29,8 @@ Service = Annotated[JobService, Depends(get_service)]
 def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the problem+json answers a route can give."""
     ref = {"schema": {"$ref": "#/components/schemas/Problem"}}
-    words = {401: "missing or invalid API key", 404: "no such job (or not yours)", 409: "not in a state for this",
+    words = {400: "the multipart body could not be parsed, or the upload was interrupted",
+             401: "missing or invalid API key", 404: "no such job (or not yours)", 409: "not in a state for this",
              413: "upload too large", 415: "not multipart/form-data", 422: "invalid input",
              503: "queue unavailable"}
     return {c: {"description": words[c], "content": {"application/problem+json": ref}} for c in codes}
@@ -68,7 +69,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], responses=problems(401))
 
 @router.post(
     "", status_code=202, response_model=JobRecord, openapi_extra=_SUBMIT_BODY,
-    responses=problems(409, 413, 415, 422, 503),
+    responses=problems(400, 409, 413, 415, 422, 503),
     summary="Submit a model to slim",
     description="The `spec` part is a JSON document following the JobSpec schema (unknown fields are errors). "
                 "With `Idempotency-Key`, repeating the same request returns the same job; reusing the key for "
