@@ -262,8 +262,8 @@ def make_controller(model: Any, method: Method, spec: Any, data: Any, gs: Any, e
     train, how = spec.sparse_training, spec.method.strength_search()
     if how != "control":
         why = {"given": "the spec gives method.strength",
-               "pilot": "the strength pilot runs instead (method.search 'pilot', or 'auto' for l1, group_lasso "
-                        "and receding)",
+               "pilot": "the strength pilot runs instead (method.search 'pilot', or 'auto' for any method but "
+                        "polarization)",
                "none": "method.search is 'none' (or pilot_runs 0): the paper's default strength"}[how]
         return None, {"used": False, "why": why}
     if train.epochs == 0:
