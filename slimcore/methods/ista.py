@@ -70,7 +70,7 @@ class Ista(Method):
         self.weights = _weights_per_channel(ctx)
         self.lambdas: list[torch.Tensor] | None = None  # per BN, per channel, on the CPU
         self._on: dict[torch.device, list[torch.Tensor]] = {}
-        self.spared: list[torch.Tensor] | None = None  # per BN, 0 where the shrink is off (see ``spare``)
+        self.spared: list[torch.Tensor] | None = None  # per BN, 0 where the shrink is off (see ``spare_strongest``)
         self._fmap: dict[int, int] = {}
         self._pixels: int | None = None
         self.prepare_change: float | None = None
