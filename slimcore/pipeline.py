@@ -26,6 +26,7 @@ from .export import EXPORTERS
 from .external_data import deliver, open_model, upload_bytes
 from .formats import detect_format
 from .groups import all_bns, build_groups
+from .latency.job import LatencyJob, check_faster
 from .lift import IMPORTERS, Imported
 from .measure import count_flops, count_params, cpu_latency_ms
 from .methods import METHODS, MethodContext
@@ -66,11 +67,22 @@ def import_model(path: Path, spec: JobSpec, workdir: Path | None = None) -> Impo
     return imported
 
 
-def _stage(model: torch.nn.Module, ev: Any, example: io.Inputs, timed: bool = True) -> dict[str, Any]:
+def _stage(model: torch.nn.Module, ev: Any, example: io.Inputs, lat: LatencyJob | None = None,
+           name: str = "") -> dict[str, Any]:
+    """A stage's numbers; with a target runtime (``lat``), its latency there too (median and p90)."""
     dev = next(model.parameters()).device
     one = io.apply(io.rows(example, slice(0, 1)), lambda t: t.to(dev))
+    extra = {"runtime_latency": lat.stage(name, model).as_dict()} if lat is not None else {}
     return {**ev.as_dict(), "params": count_params(model), "flops": count_flops(model, one),
-            "latency_ms": round(cpu_latency_ms(model, example), 4) if timed else None}
+            "latency_ms": round(cpu_latency_ms(model, example), 4), **extra}
+
+
+def _onnx_writer(imported: Imported, example: io.Inputs) -> Callable[[torch.nn.Module, Path], Path]:
+    """How a candidate reaches onnxruntime or TensorRT: the job's own ONNX exporter, on a copy."""
+    def write(model: torch.nn.Module, dest: Path) -> Path:
+        EXPORTERS.get("onnx")(copy.deepcopy(model).cpu(), imported, dest, example)
+        return dest
+    return write
 
 
 def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -101,6 +113,9 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
                         workdir=workdir)
     example = io.apply(io.rows(data.x_train, slice(0, 2)), torch.clone)
     _check_fit(model, data, spec, imported)
+    out_fmt = imported.fmt if spec.export.format == "same" else spec.export.format
+    lat = LatencyJob.open(spec.prune, out_fmt, _onnx_writer(imported, example), example,
+                          None if imported.dynamic_batch else imported.input_shape[0])  # fails now, not after training
     calib = io.batches(io.rows(data.x_train, slice(0, 512)), 128)
     reinserted: list[str] = []
     if imported.fmt == "onnx":
@@ -112,6 +127,8 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     dev = device_of(device)
     teacher = copy.deepcopy(model).eval() if spec.task == "distillation" else None
     reference = copy.deepcopy(model).eval()
+    if lat is not None:
+        lat.reference = reference
     names = imported.output_names
     say("importing", 0.8, {"step": "analysing channel coupling"})
     gs = build_groups(model, example, spec.prune.ignore, imported.meta.get("unprunable"))
@@ -135,7 +152,7 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
         gamma0 = ck["gamma0"]
     else:
         ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev, output_names=names)
-        rb.stage("baseline", **_stage(model, ev, example))
+        rb.stage("baseline", **_stage(model, ev, example, lat, "baseline"))
 
     control: dict[str, Any] = ck.get("control_record", {}) if ck else {}
     ctl = None
@@ -219,7 +236,9 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
             raise SlimError("prune.target 'threshold' without an amount needs a valley in the |γ| histogram, and "
                             "there is none; give prune.amount or train longer (polarization separates γ)")
         prune_spec = prune_spec.model_copy(update={"amount": valley})
-    p = plan(model, gs, prune_spec, method.reduce, example)
+    if lat is not None:
+        lat.restore({"stages": {k: v["runtime_latency"] for k, v in rb.stages.items() if "runtime_latency" in v}})
+    p = plan(model, gs, prune_spec, method.reduce, example, latency=lat)
     if p.removed_channels == 0:
         raise NothingToPrune(f"nothing to remove: no channel's importance is below the threshold "
                              f"({spec.prune.target}={spec.prune.amount:g}); lower min_channels, raise the amount "
@@ -238,7 +257,7 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     per_output = _per_output(after_, before, names)
     if ck is None or ck["phase"] == "sparse_training":
         ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev, output_names=names)
-        rb.stage("pruned", **_stage(model, ev, example))
+        rb.stage("pruned", **_stage(model, ev, example, lat, "pruned"))
     say("pruning", 1.0, {"removed_channels": p.removed_channels})
 
     if ck is not None and ck["phase"] == "finetuning":
@@ -247,7 +266,8 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     kd = spec.finetune.distillation() if spec.task == "classification" else None
     fit_phase("finetuning", spec.finetune, None, {"sparse_final": sparse_state}, kd=kd)
     ev = evaluate(model, data.x_val, data.y_val, task=spec.task, teacher=teacher, device=dev, output_names=names)
-    rb.stage("finetuned", **_stage(model, ev, example))
+    rb.stage("finetuned", **_stage(model, ev, example, lat, "finetuned"))
+    not_faster = check_faster(lat, strict=p.target == "latency") if lat is not None else None
 
     say("exporting", 0.0, {})
     fmt = imported.fmt if spec.export.format == "same" else spec.export.format
@@ -261,10 +281,12 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     outputs = [{"name": n, "shape": list(t.shape[1:])} for n, t in io.named_leaves(before, imported.output_names)]
     channels_after = {name: int(bn.num_features) for name, bn in bns}
     odd = [n for n, c in channels_after.items() if c % 8 and n in gamma0 and c != gamma0[n].numel()]
-    if fmt == "onnx" and spec.prune.round_to == 1 and odd:
+    if fmt == "onnx" and spec.prune.round_to == 1 and odd and p.target != "latency":
         rb.warn(f"{len(odd)} pruned layers keep channel counts that are not multiples of 8 (e.g. {odd[0]}: "
                 f"{channels_after[odd[0]]}); onnxruntime on CPU can run such a model slower than the original "
-                f"(bench/README.md: MobileNetV2 1.34× slower at 30%); set prune.round_to: 8 for CPU deployment")
+                f"(bench/README.md: MobileNetV2 1.34× slower at 30%); set prune.round_to: \"auto\" (measured) or 8")
+    if not_faster:
+        rb.warn(not_faster)
     base, fin = rb.stages["baseline"], rb.stages["finetuned"]
     sparse_acc = rb.stages.get("sparse", {}).get("accuracy")
     removal = removal_cost(rb, culprits)
@@ -309,7 +331,7 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
         "sparse_training_stopped_because": early.get("why"),
         "spec": spec.model_dump(mode="json"),  # every setting as run, defaults filled in
         "removal_cost": removal,
-        "pilot": pilot, "strength_control": control,
+        "pilot": pilot, "strength_control": control, "latency": lat.report() if lat is not None else None,
         "finetune_distillation": kd.model_dump() if kd is not None else None,
         "not_pruned": gs.skipped, "output_layers": gs.output_layers,
         "prunable_bn_channels": {**gs.coverage,

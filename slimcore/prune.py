@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -25,6 +27,9 @@ from . import io
 from .coupling import prune as _prune
 from .groups import CONV_TYPES, GroupSet
 from .spec import PruneSpec
+
+if TYPE_CHECKING:
+    from .latency.job import LatencyJob
 
 
 @dataclass
@@ -59,8 +64,11 @@ def _rank(gs: GroupSet, reduce: str, min_channels: int) -> tuple[torch.Tensor, t
     return v[order], gi[order], ix[order]
 
 
+Rounder = Callable[[int], int]  # group id → the multiple its kept count is rounded up to
+
+
 def _select(gs: GroupSet, ranked: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int,
-            round_to: int) -> dict[int, torch.Tensor]:
+            round_to: int | Rounder) -> dict[int, torch.Tensor]:
     v, gi, ix = ranked
     chosen: dict[int, list[int]] = {}
     for g_id, i in zip(gi[:k].tolist(), ix[:k].tolist(), strict=True):
@@ -69,8 +77,9 @@ def _select(gs: GroupSet, ranked: tuple[torch.Tensor, torch.Tensor, torch.Tensor
     by_id = {g.gid: g for g in gs.groups}
     for g_id, lst in chosen.items():
         g = by_id[g_id]
-        if round_to > 1 and g.size >= round_to and float(g.weight.max()) == 1:  # not whole conv groups
-            keep = math.ceil((g.size - len(lst)) / round_to) * round_to
+        step = round_to(g_id) if callable(round_to) else round_to
+        if step > 1 and g.size >= step and float(g.weight.max()) == 1:  # not whole conv groups
+            keep = math.ceil((g.size - len(lst)) / step) * step
             lst = lst[: max(0, g.size - keep)]  # lst is ascending by importance: drop the most important
         if lst:
             out[g_id] = torch.tensor(sorted(lst), dtype=torch.long)
@@ -86,7 +95,17 @@ def _threshold(ranked: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int) 
     return float((v[k - 1] + v[k]) / 2)
 
 
-def plan(model: nn.Module, gs: GroupSet, spec: PruneSpec, reduce: str, example: torch.Tensor) -> Plan:
+def plan(model: nn.Module, gs: GroupSet, spec: PruneSpec, reduce: str, example: torch.Tensor,
+         latency: LatencyJob | None = None) -> Plan:
+    """``latency`` (a :class:`~slimcore.latency.job.LatencyJob`) is needed for a latency target and for
+    ``round_to: "auto"``: the runtime the model is timed on."""
+    if spec.measures_latency() and latency is None:
+        raise ValueError("a latency target or round_to 'auto' needs the job's runtime (latency=)")
+    if spec.target == "latency":
+        from .latency.planner import plan_latency
+
+        return plan_latency(model, gs, spec, reduce, latency)
+    round_to: int | Rounder = int(spec.round_to) if spec.round_to != "auto" else latency.rounder(model, gs)
     ranked = _rank(gs, reduce, spec.min_channels)
     total = sum(g.size for g in gs.groups)
     total_w = float(sum(float(g.weight.sum()) for g in gs.groups))
@@ -98,7 +117,7 @@ def plan(model: nn.Module, gs: GroupSet, spec: PruneSpec, reduce: str, example: 
         if below > k:
             warnings.append(f"{below - k} channels below the threshold {spec.amount:g} were kept by the "
                             f"per-layer floor (min_channels={spec.min_channels})")
-        remove = _select(gs, ranked, k, spec.round_to)
+        remove = _select(gs, ranked, k, round_to)
         p = Plan("threshold", spec.amount, float(spec.amount), remove, warnings=warnings)
         p.achieved = _removed_weight(gs, remove) / total_w
         return p
@@ -111,23 +130,23 @@ def plan(model: nn.Module, gs: GroupSet, spec: PruneSpec, reduce: str, example: 
             if n_cand else torch.zeros(0)
         k = min(int(torch.searchsorted(torch.cumsum(w, 0), spec.amount * total_w - 0.5)) + 1, n_cand) \
             if n_cand else 0
-        remove = _select(gs, ranked, k, spec.round_to)
+        remove = _select(gs, ranked, k, round_to)
         p = Plan("channels", spec.amount, _threshold(ranked, k), remove, warnings=warnings)
         p.achieved = _removed_weight(gs, remove) / total_w
     else:
         base = cost(model, spec.target, example)
         lo, hi = 0, n_cand
-        fr_hi = 1 - _cost_after(model, gs, _select(gs, ranked, hi, spec.round_to), spec.target, example) / base
+        fr_hi = 1 - _cost_after(model, gs, _select(gs, ranked, hi, round_to), spec.target, example) / base
         if fr_hi < spec.amount:
             lo = hi
         while lo < hi:  # smallest k whose pruned copy removes at least the asked fraction
             mid = (lo + hi) // 2
-            fr = 1 - _cost_after(model, gs, _select(gs, ranked, mid, spec.round_to), spec.target, example) / base
+            fr = 1 - _cost_after(model, gs, _select(gs, ranked, mid, round_to), spec.target, example) / base
             if fr >= spec.amount:
                 hi = mid
             else:
                 lo = mid + 1
-        remove = _select(gs, ranked, lo, spec.round_to)
+        remove = _select(gs, ranked, lo, round_to)
         p = Plan(spec.target, spec.amount, _threshold(ranked, lo), remove, warnings=warnings)
         p.achieved = 1 - _cost_after(model, gs, remove, spec.target, example) / base
     tol = max(1.0 / max(total, 1), 0.02) if spec.target == "channels" else 0.02

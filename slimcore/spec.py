@@ -128,11 +128,26 @@ class FinetuneSpec(TrainSpec):
         return DistillSpec() if self.distill is True else self.distill
 
 
+class LatencySpec(_Strict):
+    """Where a latency target (and ``round_to: "auto"``) is measured: the runtime the model will be served
+    with. ``auto`` is the export format's own runtime (onnxruntime for ONNX, torch for TorchScript and
+    .pt2); ``threads`` None means every core the worker has. CUDA and TensorRT need a GPU worker: asking
+    for them on a CPU-only worker fails the job at its start, never falls back silently."""
+
+    runtime: Literal["auto", "onnxruntime", "torch", "tensorrt"] = "auto"
+    device: Literal["cpu", "cuda"] = "cpu"
+    batch_size: Annotated[int, Field(ge=1, le=1024)] = 1
+    threads: Annotated[int, Field(ge=1, le=1024)] | None = None
+
+
 class PruneSpec(_Strict):
     """How much to remove.
 
     ``channels``: fraction of prunable channels; ``flops``/``params``: fraction of the model's FLOPs or
-    parameters; ``threshold``: remove channels whose importance (|γ|) is below ``amount``.
+    parameters; ``threshold``: remove channels whose importance (|γ|) is below ``amount``; ``latency``:
+    fraction of the latency measured on ``latency``'s runtime (0.5: twice as fast). ``round_to``: keep
+    each layer's channel count a multiple of this, or ``"auto"``: the multiple that runtime is measured
+    to be fast at, per layer (a latency target always rounds so).
     """
 
     # the rule of ``_fraction`` in the JSON Schema too, so the OpenAPI document says what is refused
@@ -140,17 +155,24 @@ class PruneSpec(_Strict):
         {"properties": {"target": {"const": "threshold"}}, "required": ["target"]},
         {"properties": {"amount": {"exclusiveMinimum": 0, "exclusiveMaximum": 1}}}]})
 
-    target: Literal["channels", "flops", "params", "threshold"] = "channels"
+    target: Literal["channels", "flops", "params", "threshold", "latency"] = "channels"
     amount: Annotated[float, Field(ge=0)] = 0.5
     min_channels: Annotated[int, Field(ge=1)] = 4
-    round_to: Annotated[int, Field(ge=1)] = 1
+    round_to: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+    latency: LatencySpec = Field(default_factory=LatencySpec)
     ignore: list[str] = Field(default_factory=list, description="module-name globs never pruned")
 
     @model_validator(mode="after")
     def _fraction(self) -> PruneSpec:
         if self.target != "threshold" and not (0 < self.amount < 1):
             raise ValueError(f"prune.amount must be in (0, 1) for target {self.target!r}, got {self.amount}")
+        if self.latency.runtime == "tensorrt" and self.latency.device != "cuda":
+            raise ValueError("prune.latency.runtime 'tensorrt' runs on a GPU: set prune.latency.device to 'cuda'")
         return self
+
+    def measures_latency(self) -> bool:
+        """Whether the job times candidates on a runtime (a latency target, or rounding chosen by measuring)."""
+        return self.target == "latency" or self.round_to == "auto"
 
 
 class ExportSpec(_Strict):
