@@ -34,7 +34,7 @@ from .prune import apply, plan, removal_culprits
 from .report import ReportBuilder, gamma_snapshot, layer_table, removal_cost
 from .shape_limits import data_sample_shape, peek_npz_sample_shape
 from .spec import JobSpec
-from .strength import choose_strength
+from .strength import back_to_pilot_if_wrecked, choose_strength, plateau_stop
 from .train import device_of, evaluate, fit
 
 PHASES = ("importing", "sparse_training", "pruning", "finetuning", "exporting")
@@ -173,7 +173,7 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
                                   "optimizer": opt_state, "stages": rb.stages, "gamma0": gamma0,
                                   "control_record": control, **steer, **extra})
 
-        stop = _plateau(meth, gs, early, pilot) if meth is not None and ctl is None else None
+        stop = plateau_stop(meth, gs, early, pilot) if meth is not None and ctl is None else None
         finished = fit(model, data.x_train, data.y_train, train_spec, task=spec.task,
                        teacher=teacher if kd is None else reference, method=meth if ctl is None or meth is None
                        else Steered(meth, ctl), device=dev, seed=spec.seed, progress=report,
@@ -203,7 +203,7 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
         fit_phase("sparse_training", spec.sparse_training, method, {}, start)
         if ctl is not None:
             control = ctl.record()
-        back = _back_to_pilot_if_wrecked(model, data, warm, pilot, dev) if ck is None else None
+        back = back_to_pilot_if_wrecked(model, data, warm, pilot, dev) if ck is None else None
         if back is not None:
             rb.warn(back)
             early.update(epoch=warm["epoch"] if warm else None, why=back)
@@ -344,47 +344,6 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
                       output_deviation=deviation)
     say("exporting", 1.0, {})
     return report
-
-
-def _back_to_pilot_if_wrecked(model: torch.nn.Module, data: Any, warm: dict[str, Any] | None,
-                               pilot: dict[str, Any], dev: torch.device) -> str | None:
-    """After a piloted run: if sparse training ended more than ``DAMAGE`` below the baseline's accuracy, go
-    back to the chosen pilot's state (checked safe) and say why; the pilot only guarded its own end, and the
-    epochs after it can wreck the network (bench/README.md). Checked at the end, not per epoch: mid-schedule
-    dips recover as the learning rate anneals, and reverting on them threw good runs away."""
-    from .strength import DAMAGE
-
-    if warm is None or pilot.get("baseline_accuracy") is None or data.y_val is None:
-        return None
-    acc = evaluate(model, io.rows(data.x_val, slice(0, 1024)), data.y_val[:1024], task="classification",
-                   device=dev).accuracy
-    if acc is None or acc >= pilot["baseline_accuracy"] - DAMAGE:
-        return None
-    model.load_state_dict(warm["model"])
-    return (f"sparse training after the pilot dropped validation accuracy to {acc:.3f} (baseline "
-            f"{pilot['baseline_accuracy']:.3f}): went back to the chosen pilot's state after epoch {warm['epoch']}")
-
-
-def _plateau(method: Any, gs: Any, record: dict[str, Any], pilot: dict[str, Any]) -> Callable[[int], bool]:
-    """Stop sparse training once γ sparsity has stopped changing, or (piloted strength) once the wanted
-    fraction of channels is near zero: further epochs would only push more channels than the plan removes
-    toward zero, which costs accuracy and nothing else. Recorded in the report."""
-    from .methods.pilot import SparsityPlateau
-
-    watch = SparsityPlateau(patience=3, tol=0.01)
-
-    target, cut = pilot.get("stop_at"), pilot.get("sparsity_threshold")
-
-    def check(epoch: int) -> bool:
-        if target is not None and method.sparsity(gs, cut) >= target:
-            record.update(epoch=epoch, why=f"{target:.0%} of channels near zero, the pilot's target")
-            return True
-        if watch.update(method.sparsity(gs)):
-            record.update(epoch=epoch, why="γ sparsity stopped changing")
-            return True
-        return False
-
-    return check
 
 
 def _per_output(got: Any, want: Any, names: Any) -> dict[str, dict[str, float]]:

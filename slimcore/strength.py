@@ -56,13 +56,19 @@ TOL = 0.05  # the pilot's "close enough" to the wanted fraction; the real run st
 
 
 def wanted_fraction(model: torch.nn.Module, gs: Any, spec: JobSpec, example: io.Inputs) -> float | None:
-    """Share of prunable channels the prune target removes; None when the target is not a fraction."""
+    """Share of prunable channels the prune target removes; None when the target is not a fraction.
+
+    A latency target is known only once candidates are timed (after sparse training), so the share is
+    estimated as a FLOPs target of the same amount; a FLOPs share is also what latency falls with first.
+    Rounding is left out (``round_to: "auto"`` needs the runtime): it moves the share by a few channels."""
     target = spec.prune.target
     if target == "channels":
         return float(spec.prune.amount)
-    if target in ("flops", "params"):
+    if target in ("flops", "params", "latency"):
         total = sum(g.size for g in gs.groups)
-        p = plan(model, gs, spec.prune, "max", example)
+        proxy = spec.prune.model_copy(update={"target": "flops" if target == "latency" else target,
+                                              "round_to": 1 if spec.prune.round_to == "auto" else spec.prune.round_to})
+        p = plan(model, gs, proxy, "max", example)
         return p.removed_channels / max(total, 1)
     return None
 
@@ -167,3 +173,42 @@ def choose_strength(model: torch.nn.Module, spec: JobSpec, data: Any, example: i
                   "stop_at": round(max(frac - TOL, 0.0), 4), "sparsity_threshold": cut["threshold"],
                   "pilot_epochs": pilot_epochs, "range": [float(f"{b:.3g}") for b in bounds], "tries": tries,
                   "strength": found}
+
+
+def back_to_pilot_if_wrecked(model: torch.nn.Module, data: Any, warm: dict[str, Any] | None,
+                             pilot: dict[str, Any], dev: torch.device) -> str | None:
+    """After a piloted run: if sparse training ended more than ``DAMAGE`` below the baseline's accuracy, go
+    back to the chosen pilot's state (checked safe) and say why; the pilot only guarded its own end, and the
+    epochs after it can wreck the network (bench/README.md). Checked at the end, not per epoch: mid-schedule
+    dips recover as the learning rate anneals, and reverting on them threw good runs away."""
+    if warm is None or pilot.get("baseline_accuracy") is None or data.y_val is None:
+        return None
+    acc = evaluate(model, io.rows(data.x_val, slice(0, 1024)), data.y_val[:1024], task="classification",
+                   device=dev).accuracy
+    if acc is None or acc >= pilot["baseline_accuracy"] - DAMAGE:
+        return None
+    model.load_state_dict(warm["model"])
+    return (f"sparse training after the pilot dropped validation accuracy to {acc:.3f} (baseline "
+            f"{pilot['baseline_accuracy']:.3f}): went back to the chosen pilot's state after epoch {warm['epoch']}")
+
+
+def plateau_stop(method: Any, gs: Any, record: dict[str, Any], pilot: dict[str, Any]) -> Callable[[int], bool]:
+    """Stop sparse training once γ sparsity has stopped changing, or (piloted strength) once the wanted
+    fraction of channels is near zero: further epochs would only push more channels than the plan removes
+    toward zero, which costs accuracy and nothing else. Recorded in the report."""
+    from .methods.pilot import SparsityPlateau
+
+    watch = SparsityPlateau(patience=3, tol=0.01)
+
+    target, cut = pilot.get("stop_at"), pilot.get("sparsity_threshold")
+
+    def check(epoch: int) -> bool:
+        if target is not None and method.sparsity(gs, cut) >= target:
+            record.update(epoch=epoch, why=f"{target:.0%} of channels near zero, the pilot's target")
+            return True
+        if watch.update(method.sparsity(gs)):
+            record.update(epoch=epoch, why="γ sparsity stopped changing")
+            return True
+        return False
+
+    return check

@@ -78,7 +78,7 @@ def test_pilot_says_why_it_did_not_run(digits, digits_cnn):
 def test_a_run_that_ends_wrecked_after_the_pilot_goes_back_to_the_pilots_state():
     from types import SimpleNamespace
 
-    from slimcore.pipeline import _back_to_pilot_if_wrecked
+    from slimcore.strength import back_to_pilot_if_wrecked
     from tests.zoo import SmallCNN
 
     torch.manual_seed(0)
@@ -87,10 +87,10 @@ def test_a_run_that_ends_wrecked_after_the_pilot_goes_back_to_the_pilots_state()
     warm = {"model": safe.state_dict(), "epoch": 2}
     cpu = torch.device("cpu")
     # within the allowance (or without a pilot) nothing changes
-    assert _back_to_pilot_if_wrecked(model, data, warm, {"baseline_accuracy": 0.0}, cpu) is None
-    assert _back_to_pilot_if_wrecked(model, data, None, {"baseline_accuracy": 0.99}, cpu) is None
+    assert back_to_pilot_if_wrecked(model, data, warm, {"baseline_accuracy": 0.0}, cpu) is None
+    assert back_to_pilot_if_wrecked(model, data, None, {"baseline_accuracy": 0.99}, cpu) is None
     assert not torch.equal(model.state_dict()["features.0.weight"], safe.state_dict()["features.0.weight"])
     # an untrained net scores ~0.1, far below a baseline of 0.99: back to the pilot's weights
-    why = _back_to_pilot_if_wrecked(model, data, warm, {"baseline_accuracy": 0.99}, cpu)
+    why = back_to_pilot_if_wrecked(model, data, warm, {"baseline_accuracy": 0.99}, cpu)
     assert why is not None and "back to the chosen pilot's state after epoch 2" in why
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), safe.state_dict().values(), strict=True))
