@@ -11,6 +11,9 @@ Up to four figures (``PLOTS``):
 - ``stages``: accuracy (or distillation error), parameters, FLOPs and CPU latency for each stage.
 - ``strength``: only when the job searched its strength: the controller's strength and share of channels
   near zero against the schedule (with the goal ramp), or the pilot's tries (strength against share).
+- ``latency``: only when the job measured a runtime (a latency target or ``round_to: "auto"``): the
+  slowest layers' latency against kept channels as measured there (dots: the probes; the dotted line:
+  the layer's fast step), and the closed loop's predicted and measured ratio per try against the target.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-PLOTS = ("stages", "channels", "gamma", "strength")  # the order the report page shows them in
+PLOTS = ("stages", "channels", "gamma", "strength", "latency")  # the order the report page shows them in
 MAX_LAYERS = 48
 STAGE_ORDER = ("baseline", "sparse", "pruned", "finetuned")
 
@@ -159,11 +162,48 @@ def strength_png(report: dict[str, Any]) -> bytes | None:
     return _png(fig)
 
 
-_DRAW = {"gamma": gamma_png, "channels": channels_png, "stages": stages_png, "strength": strength_png}
+def latency_png(report: dict[str, Any]) -> bytes | None:
+    """The measured latency table and the closed loop, or None when no runtime was measured."""
+    lat = report.get("latency") or {}
+    curves, its = lat.get("layers") or [], lat.get("iterations") or []
+    if not curves and not its:
+        return None
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 2.8))
+    for row in curves:
+        pts = row["points"]
+        a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3,
+               label=f"{row['layer']} ({row['dim']}, step {row['step']})")
+    a.set_xlabel("kept channels", fontsize=8)
+    a.set_ylabel("ms", fontsize=8)
+    a.set_title(f"slowest layers on {lat.get('runtime')} ({lat.get('device')}, batch {lat.get('batch_size')})",
+                fontsize=9)
+    if curves:
+        a.legend(fontsize=6)
+    if its:
+        n = [i["iteration"] for i in its]
+        b.plot(n, [i["predicted"] for i in its], marker="o", color="#9a9a9a", label="predicted")
+        b.plot(n, [i["measured"] for i in its], marker="o", color="#3a7bd5", label="measured")
+        target = (lat.get("target") or {}).get("requested_ratio")
+        if target is not None:
+            b.axhline(target, color="#d0021b", linestyle="--", linewidth=0.8, label="target")
+        b.set_xlabel("try", fontsize=8)
+        b.set_xticks(n)
+        b.set_title("latency ratio to the original", fontsize=9)
+        b.legend(fontsize=7)
+    for ax in (a, b):
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+_DRAW = {"gamma": gamma_png, "channels": channels_png, "stages": stages_png, "strength": strength_png,
+         "latency": latency_png}
 
 
 def render_plots(report: dict[str, Any]) -> dict[str, bytes]:
-    """Every plot that applies as PNG bytes, by name (``PLOTS`` order; ``strength`` only after a search)."""
+    """Every plot that applies as PNG bytes, by name (``PLOTS`` order; ``strength`` only after a search,
+    ``latency`` only when a runtime was measured)."""
     drawn = {name: _DRAW[name](report) for name in PLOTS}
     return {name: png for name, png in drawn.items() if png is not None}
 

@@ -83,7 +83,7 @@ def _run(tmp_path: Path, model_path: Path, prune: dict, name: str = "out") -> tu
                       sparse_training={"epochs": 0}, finetune={"epochs": 1, "batch_size": 16}, prune=prune)
     out, rep = tmp_path / f"{name}{model_path.suffix}", tmp_path / f"{name}.report.json"
     r = run_slim("run", str(model_path), "--spec", str(spec), "--data", str(_data(tmp_path / "d.npz")),
-                 "-o", str(out), "--report", str(rep))
+                 "-o", str(out), "--report", str(rep), "--plots", str(tmp_path / f"{name}-plots"))
     return r, (json.loads(rep.read_text()) if rep.exists() else {})
 
 
@@ -128,6 +128,7 @@ def test_latency_target_on_an_onnx_upload_reaches_its_measured_ratio(tmp_path, m
     assert report["target"] == {"kind": "latency", "requested": 0.5, "achieved": pytest.approx(
         1 - lat["target"]["measured_ratio"], abs=1e-4)}
     assert lat["table"]["probes_measured"] > 0 and lat["layers"], "the plot's curves are recorded"
+    assert (tmp_path / "out-plots" / "latency.png").read_bytes().startswith(b"\x89PNG")
     assert _ort_ratio(tmp_path / "out.onnx", src) < 0.8
 
 

@@ -123,6 +123,7 @@ def _summary(report: dict[str, Any]) -> str:
             ("parameters", "params", v(base, "params"), v(fin, "params")),
             ("FLOPs", "flops", v(base, "flops"), v(fin, "flops")),
             ("CPU latency (ms)", "latency_ms", v(base, "latency_ms"), v(fin, "latency_ms")),
+            *_runtime_row(report),
             (quality.replace("_", " "), quality, v(base, quality), v(fin, quality))]
     body = "".join(
         f'<tr><th class="l">{escape(label)}</th><td data-k="{key}-before" data-value="{b!r}">{_fmt(b)}</td>'
@@ -132,12 +133,23 @@ def _summary(report: dict[str, Any]) -> str:
             f"{body}</table>")
 
 
+def _runtime_row(report: dict[str, Any]) -> list[tuple[str, str, Any, Any]]:
+    """The latency the job measured on its target runtime (median), when it measured one."""
+    lat = report.get("latency") if isinstance(report.get("latency"), dict) else {}
+    st = lat.get("stages") if isinstance(lat.get("stages"), dict) else {}
+    b, a = (st.get(k) if isinstance(st.get(k), dict) else {} for k in ("baseline", "finetuned"))
+    if not b and not a:
+        return []
+    label = f"latency on {lat.get('runtime')}, {lat.get('device')}, batch {lat.get('batch_size')} (ms)"
+    return [(label, "runtime_latency", _num(b.get("median_ms")), _num(a.get("median_ms")))]
+
+
 def _plots(plots: dict[str, bytes]) -> str:
     if not plots:
         return '<h2>Plots</h2><p class="warn">This job stored no plots (it ran before plots existed, or drawing ' \
                "them failed: see the warnings).</p>"
     titles = {"stages": "By stage", "channels": "Channels kept per layer", "gamma": "|γ| before and after",
-              "strength": "Strength search"}
+              "strength": "Strength search", "latency": "Latency on the target runtime"}
     imgs = "".join(f'<figure><figcaption>{escape(titles.get(n, n))}</figcaption><img alt="{escape(n)}" '
                    f'id="plot-{escape(n)}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
                    f"</figure>" for n, data in plots.items())
@@ -147,7 +159,7 @@ def _plots(plots: dict[str, bytes]) -> str:
 def render_report(job_id: str, report: dict[str, Any], plots: dict[str, bytes] | None = None) -> str:
     """Summary first, then warnings, plots, the per-layer table and the method's details."""
     details = {k: report.get(k) for k in ("method", "threshold", "target", "format", "removed_channels",
-                                          "output_deviation", "pilot", "sparse_training_stopped_early_at",
+                                          "output_deviation", "pilot", "latency", "sparse_training_stopped_early_at",
                                           "sparse_training_stopped_because") if report.get(k) is not None}
     detail_rows = "".join(f'<tr><th class="l">{escape(k)}</th><td class="l">{_fmt(v)}</td></tr>'
                           for k, v in details.items())

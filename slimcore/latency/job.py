@@ -14,7 +14,7 @@ from torch import nn
 
 from .. import io
 from ..errors import SlimError
-from ..groups import GroupSet
+from ..groups import GroupSet, public_name
 from ..spec import PruneSpec
 from .runtime import MODEL, Exporter, Runner, Runtime, Settings, Timing, clock_pair, hardware, open_runtime, resolve
 from .table import LatencyTable
@@ -97,7 +97,7 @@ class LatencyJob:
                                "target": self.target, "iterations": self.iterations}
         if t is not None:
             out["table"] = t.stats()
-            out["steps"] = {f"{s.name}:{d}": step for s in t.sites.values() for d, step in s.steps.items()}
+            out["steps"] = {f"{public_name(s.name)}:{d}": step for s in t.sites.values() for d, step in s.steps.items()}
             out["layers"] = t.slowest()
         return out
 

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .. import io
-from ..groups import CONV_TYPES, GroupSet
+from ..groups import CONV_TYPES, GroupSet, public_name
 from .runtime import Runtime, hardware
 
 SLOW = 1.15  # a probe this much slower than a larger aligned count is off the fast path
@@ -245,7 +245,7 @@ class LatencyTable:
         rows = []
         for site in sorted(self.sites.values(), key=lambda s: -s.full_ms)[:n]:
             for dim, pts in site.curves.items():
-                rows.append({"layer": site.name, "dim": dim, "step": site.steps.get(dim, 1),
+                rows.append({"layer": public_name(site.name), "dim": dim, "step": site.steps.get(dim, 1),
                              "points": [[c, round(ms, 5)] for c, ms in pts]})
         return rows
 
