@@ -105,8 +105,8 @@ def plan(model: nn.Module, gs: GroupSet, spec: PruneSpec, reduce: str, example: 
         from .latency.planner import plan_latency
 
         return plan_latency(model, gs, spec, reduce, latency)
-    round_to: int | Rounder = int(spec.round_to) if spec.round_to != "auto" else latency.rounder(model, gs)
     ranked = _rank(gs, reduce, spec.min_channels)
+    round_to: int | Rounder = int(spec.round_to) if spec.round_to != "auto" else _auto(model, gs, spec, ranked, latency)
     total = sum(g.size for g in gs.groups)
     total_w = float(sum(float(g.weight.sum()) for g in gs.groups))
     n_cand = ranked[0].numel()
@@ -156,6 +156,20 @@ def plan(model: nn.Module, gs: GroupSet, spec: PruneSpec, reduce: str, example: 
             f"(per-layer floors min_channels={spec.min_channels}, round_to={spec.round_to}, ignored or "
             f"unprunable layers limit it)")
     return p
+
+
+def _auto(model: nn.Module, gs: GroupSet, spec: PruneSpec, ranked: tuple, latency: LatencyJob | None) -> Rounder:
+    """``round_to: "auto"``: each group's step from the latency table, with a floor checked on the whole model
+    near where this target cuts (channels: the asked share; threshold: the channels below it; FLOPs and
+    parameters: the asked share of channels, a first guess the search then moves from)."""
+    from .latency.planner import alignment_floor
+
+    assert latency is not None
+    steps = latency.rounder(model, gs)
+    v = ranked[0]
+    k = int((v < spec.amount).sum()) if spec.target == "threshold" else int(spec.amount * v.numel())
+    floor = alignment_floor(model, gs, ranked, k, steps, latency)
+    return lambda gid: max(steps(gid), floor)
 
 
 def gs_by_id(gs: GroupSet) -> dict:

@@ -154,6 +154,9 @@ def test_round_to_auto_rounds_each_layer_to_its_measured_step(tmp_path, model):
     steps = report["latency"]["steps"]
     assert steps and all(s in (1, 2, 4, 8, 16) for s in steps.values())
     assert not any("not multiples of 8" in w for w in report["warnings"])
+    align = report["latency"]["alignment"]  # the whole-model check of the floor every layer keeps
+    assert align["chosen"] in (1, 8, 16) and "1" in align["tried"]
+    assert all(v > 0 for v in align["tried"].values())
     assert report["latency"]["stages"]["finetuned"]["ratio_to_baseline"] > 0
 
 

@@ -34,6 +34,7 @@ class LatencyJob:
         self.target: dict[str, Any] | None = None
         self._table: LatencyTable | None = None
         self._base: Runner | None = None
+        self.alignment: dict[str, Any] | None = None  # the whole-model alignment check (planner.alignment_floor)
         self.reference: nn.Module | None = None  # the original model, for timings after a resume
 
     @classmethod
@@ -94,7 +95,7 @@ class LatencyJob:
         t = self._table
         out: dict[str, Any] = {**self.settings.as_dict(), "runtime_version": self.runtime.key(),
                                "hardware": hardware(self.settings.device), "stages": self.stages,
-                               "target": self.target, "iterations": self.iterations}
+                               "target": self.target, "iterations": self.iterations, "alignment": self.alignment}
         if t is not None:
             out["table"] = t.stats()
             out["steps"] = {f"{public_name(s.name)}:{d}": step for s in t.sites.values() for d, step in s.steps.items()}
