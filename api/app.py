@@ -29,6 +29,8 @@ from .problems import install_problem_handlers
 from .queue import make_celery, prepare_broker
 from .settings import Settings, get_settings
 from .storage import ArtifactStore
+from .webhooks import endpoints as webhook_endpoints
+from .webhooks.sender import WebhookSender
 
 __all__ = ["InsecureBindError", "check_bind", "create_app"]
 
@@ -54,19 +56,25 @@ def create_app(settings: Settings | None = None, *, host: str | None = None) -> 
     prepare_broker(settings)
     celery = make_celery(settings)
 
+    sender = WebhookSender(repo.sessions, settings)
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        sender.start()  # webhooks go out from the API process, never from a worker
         yield
+        sender.stop()
         engine.dispose()
 
     app = FastAPI(title="slim", version="1", description=DESCRIPTION, lifespan=lifespan, docs_url="/docs")
     app.state.settings = settings
     app.state.jobs = JobService(settings, repo, store, celery)
+    app.state.webhooks = sender
     app.state.metrics = Metrics(repo.count_by_status, lambda: read_counters(repo.sessions))
     install_problem_handlers(app)
     app.include_router(system.router)
     app.include_router(dashboard.router)
     app.include_router(jobs_endpoints.router)
+    app.include_router(webhook_endpoints.router)
     app.add_middleware(LatencyMiddleware, metrics=app.state.metrics)
 
     def openapi() -> dict[str, Any]:

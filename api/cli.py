@@ -22,7 +22,8 @@ commands:
   serve [--host 127.0.0.1] [--port 8000]                            API plus a local worker (embedded default)
   worker                                                            a Celery worker for the configured broker
   submit MODEL --spec SPEC.json --data DATA [--wait] [-o OUT]       submit a job to a running service (an ONNX
-                                                                    model's external data files go with it)
+         [--callback-url URL]                                       model's external data files go with it;
+                                                                    status changes POSTed to URL, signed)
   status ID | cancel ID | download ID [-o OUT]                      one job on a running service
 """
 
@@ -96,6 +97,8 @@ def _submit(argv: list[str]) -> int:
                     help="follow the job's progress until it ends, print a summary, download the result")
     ap.add_argument("-o", "--output", help="where to download the slimmed model (implies --wait; default: the "
                                            "server's suggested name in the current directory)")
+    ap.add_argument("--callback-url", help="POST every status change here (Standard Webhooks; the service's "
+                                           "operator must allow the host)")
     _server_options(ap)
     args = ap.parse_args(argv)
     from .progress import ProgressView, summary_table
@@ -106,7 +109,7 @@ def _submit(argv: list[str]) -> int:
             return 2
 
     def body(c: Any) -> int:
-        job = c.submit(Path(args.model), Path(args.spec), Path(args.data))
+        job = c.submit(Path(args.model), Path(args.spec), Path(args.data), callback_url=args.callback_url)
         print(f"job {job['id']} {job['status']}", file=sys.stderr)
         if not (args.wait or args.output):
             print(json.dumps(job))

@@ -89,13 +89,14 @@ class SlimClient:
         return r
 
     def submit(self, model: Path, spec: dict[str, Any] | str | Path, data: Path, *,
-               idempotency_key: str | None = None) -> dict[str, Any]:
+               idempotency_key: str | None = None, callback_url: str | None = None) -> dict[str, Any]:
         text = Path(spec).read_text() if isinstance(spec, Path) else spec if isinstance(spec, str) else json.dumps(spec)
         key = idempotency_key or uuid.uuid4().hex
         with ExitStack() as stack:
             files = [(field, (p.name, stack.enter_context(open(p, "rb")), "application/octet-stream"))
                      for field, p in [*(("model", p) for p in model_files(Path(model))), ("dataset", Path(data))]]
-            r = self._request("POST", "/jobs", data={"spec": text}, files=files, headers={"Idempotency-Key": key})
+            form = {"spec": text, **({"callback_url": callback_url} if callback_url else {})}
+            r = self._request("POST", "/jobs", data=form, files=files, headers={"Idempotency-Key": key})
         return r.json()
 
     def get(self, job_id: str) -> dict[str, Any]:
@@ -103,6 +104,14 @@ class SlimClient:
 
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/jobs/{job_id}/cancel").json()
+
+    def deliveries(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's webhook events with every delivery attempt."""
+        return self._request("GET", f"/jobs/{job_id}/deliveries").json()["items"]
+
+    def webhook_secret(self) -> str:
+        """The secret your webhooks are signed with (Standard Webhooks)."""
+        return self._request("GET", "/webhooks/secret").json()["secret"]
 
     def report(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/jobs/{job_id}/report").json()

@@ -79,6 +79,7 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 def init_db(engine: Engine) -> None:
     from . import counters  # noqa: F401  (registers the tables on Base.metadata)
     from .jobs import models  # noqa: F401
+    from .webhooks import models as _webhooks  # noqa: F401
 
     Base.metadata.create_all(engine)
 

@@ -100,6 +100,12 @@ class Settings:
     #: How long a queued job's message may go unseen before it is re-sent, on brokers that cannot be
     #: inspected (see ``api.redispatch``); long, because waiting in a queue is not losing.
     dispatch_timeout_s: float = DEFAULT_DISPATCH_TIMEOUT_S
+    #: Where ``callback_url`` may point (``api.webhooks.policy``): hosts or host:port, ``*`` for any public
+    #: address. Empty (the default): callbacks are refused, so no job makes the service call anywhere.
+    webhook_allowed_hosts: tuple[str, ...] = ()
+    webhook_max_attempts: int = 8
+    webhook_backoff_s: float = 2.0  # first retry after this, doubling, at most an hour apart
+    webhook_timeout_s: float = 5.0
 
     @property
     def auth_enabled(self) -> bool:
@@ -131,6 +137,11 @@ class Settings:
             max_attempts=_int(env, "SLIM_MAX_ATTEMPTS", 3),
             heartbeat_timeout_s=_float(env, "SLIM_HEARTBEAT_TIMEOUT_S", 120.0),
             dispatch_timeout_s=_float(env, "SLIM_DISPATCH_TIMEOUT_S", DEFAULT_DISPATCH_TIMEOUT_S),
+            webhook_allowed_hosts=tuple(h.strip().lower() for h in env.get("SLIM_WEBHOOK_ALLOWED_HOSTS", "").split(",")
+                                        if h.strip()),
+            webhook_max_attempts=_int(env, "SLIM_WEBHOOK_MAX_ATTEMPTS", 8),
+            webhook_backoff_s=_float(env, "SLIM_WEBHOOK_BACKOFF_S", 2.0),
+            webhook_timeout_s=_float(env, "SLIM_WEBHOOK_TIMEOUT_S", 5.0),
         )
 
 

@@ -181,14 +181,14 @@ def latency_png(report: dict[str, Any]) -> bytes | None:
     if curves:
         a.legend(fontsize=6)
     if its:
-        n = [i["iteration"] for i in its]
+        n = list(range(1, len(its) + 1))  # tries, then "confirm" (the kept plan timed again)
         b.plot(n, [i["predicted"] for i in its], marker="o", color="#9a9a9a", label="predicted")
         b.plot(n, [i["measured"] for i in its], marker="o", color="#3a7bd5", label="measured")
         target = (lat.get("target") or {}).get("requested_ratio")
         if target is not None:
             b.axhline(target, color="#d0021b", linestyle="--", linewidth=0.8, label="target")
         b.set_xlabel("try", fontsize=8)
-        b.set_xticks(n)
+        b.set_xticks(n, [str(i["iteration"]) for i in its])
         b.set_title("latency ratio to the original", fontsize=9)
         b.legend(fontsize=7)
     for ax in (a, b):

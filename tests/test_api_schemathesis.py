@@ -59,7 +59,9 @@ def test_security_is_declared_only_when_keys_are_configured(tmp_path: Path):
 def test_the_form_and_the_cursor_are_declared_exactly(tmp_path: Path):
     doc = _doc(tmp_path)
     form = doc["paths"]["/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
-    assert form["additionalProperties"] is False and set(form["properties"]) == {"model", "spec", "dataset"}
+    assert form["additionalProperties"] is False
+    assert set(form["properties"]) == {"model", "spec", "dataset", "callback_url"}
+    assert form["required"] == ["model", "spec", "dataset"]
     assert "repeat this part" in form["properties"]["model"]["description"]
     params = {p["name"]: p for p in doc["paths"]["/jobs"]["get"]["parameters"]}
     cursor = params["cursor"]["schema"]  # a pattern beside anyOf [string, null] constrains the string

@@ -122,6 +122,17 @@ def test_report_page_plots_are_stored_and_served(svc, submitted):
 
 @pytest.mark.skipif(CHROMIUM is None and os.environ.get("CI") != "true",
                     reason="Debian's chromium is not installed (apt-get install chromium); .ci/run installs it")
+def _open(pw, height: int) -> tuple:
+    """Debian's chromium, headless, one page that records script errors."""
+    browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--disable-background-networking", "--no-first-run"])
+    page = browser.new_page(viewport={"width": 1280, "height": height})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    return browser, page, errors
+
+
 def test_dashboard_and_report_in_chromium(svc, submitted):
     """Open the dashboard, enter the key once, see the finished job, open its report: the images load and
     the numbers on the page are the JSON report's."""
@@ -133,12 +144,7 @@ def test_dashboard_and_report_in_chromium(svc, submitted):
         report = c.report(job_id)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--disable-background-networking", "--no-first-run"])
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
+        browser, page, errors = _open(pw, 800)
         page.goto(svc.url + "/")
         page.wait_for_selector("#keybox", state="visible")  # the first 401 asks for the key
         page.fill("#key", KEY)
@@ -165,6 +171,64 @@ def test_dashboard_and_report_in_chromium(svc, submitted):
         rp.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
         browser.close()
     assert errors == []
+
+
+def test_dashboard_submits_validates_and_compares_in_chromium(svc, submitted, tmp_path, digits_cnn, digits):
+    """From the page people watch jobs on: a spec mistake is shown next to the spec before anything is sent
+    (checked against /openapi.json's JobSpec schema), a fixed spec submits a job that finishes, and two
+    finished jobs open side by side with their numbers and γ plots."""
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "chromium is required under CI"
+    first = json.loads(submitted[0].stdout)["id"]
+    model = save_model(digits_cnn, "script", tmp_path / "from-form.pt", torch.zeros(1, 1, 8, 8))
+    before = {j["id"] for j in httpx.get(f"{svc.url}/jobs?limit=100", headers={"Authorization": f"Bearer {KEY}"})
+              .json()["items"]}
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser, page, errors = _open(pw, 1000)
+        posts: list[str] = []
+        page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+        page.goto(svc.url + "/")
+        page.wait_for_selector("#keybox", state="visible")
+        page.fill("#key", KEY)
+        page.click("#save")
+        page.wait_for_selector(f'tr[data-id="{first}"].succeeded', timeout=15_000)
+        page.click("#new-job summary")
+        page.set_input_files("#model", str(model))
+        page.set_input_files("#dataset", str(digits))
+        bad = {**SPEC, "sparse_training": {"epochs": 3, "lr": 0.02, "batch_size": 16},
+               "prune": {"target": "channels", "amount": 1.5}, "finetun": {"epochs": 1}}
+        page.fill("#spec", json.dumps(bad))
+        page.click("#send")
+        page.wait_for_selector('.field-err[data-for="spec"] .err[data-path="prune.amount"]', timeout=10_000)
+        shown = page.inner_text('.field-err[data-for="spec"]')
+        assert "prune.amount: must be < 1" in shown and "finetun: unknown field" in shown, shown
+        assert posts == [], "nothing is sent while the spec is invalid"
+        page.screenshot(path=str(ARTIFACTS / "dashboard-spec-error.png"), full_page=True)
+        good = {**bad, "prune": {"target": "channels", "amount": 0.5}}
+        del good["finetun"]
+        page.fill("#spec", json.dumps(good))
+        page.click("#send")
+        page.wait_for_function("document.querySelector('#submit-status').dataset.job", timeout=30_000)
+        new = page.eval_on_selector("#submit-status", "s => s.dataset.job")
+        assert new and new != first and page.inner_text('.field-err[data-for="spec"]') == ""
+        page.wait_for_selector(f'tr[data-id="{new}"].succeeded', timeout=300_000)
+        page.check(f'tr[data-id="{first}"] input.pick')
+        page.check(f'tr[data-id="{new}"] input.pick')
+        page.click("#compare-btn")
+        page.wait_for_selector("#compare-table img.gamma", timeout=15_000)
+        page.wait_for_function("[...document.querySelectorAll('#compare-table img')].every(i => i.complete "
+                               "&& i.naturalWidth > 0)", timeout=15_000)
+        cells = page.eval_on_selector_all('#compare-table td[data-row="parameters"]',
+                                          "tds => tds.map(t => [t.dataset.job, t.dataset.value])")
+        with SlimClient(svc.url, KEY) as c:
+            want = {j: c.report(j)["stages"]["finetuned"]["params"] for j in (first, new)}
+        assert {j: json.loads(v) for j, v in cells} == want
+        page.screenshot(path=str(ARTIFACTS / "dashboard-compare.png"), full_page=True)
+        browser.close()
+    assert errors == []
+    assert new not in before
 
 
 def test_client_commands_fail_in_one_line(svc, submitted, tmp_path):

@@ -81,7 +81,7 @@ function draw(job) {
   let tr = rows.get(job.id);
   if (!tr) {
     tr = el("tr", { "data-id": job.id });
-    for (let i = 0; i < 8; i++) tr.appendChild(el("td"));
+    for (let i = 0; i < 9; i++) tr.appendChild(el("td"));
     rows.set(job.id, tr);
   }
   tr.className = job.status;
@@ -108,6 +108,9 @@ function draw(job) {
     acts.push(action("cancel", () => api(`/jobs/${job.id}/cancel`, { method: "POST" }).then(refresh), "cancel"));
   }
   c[7].replaceChildren(...acts);
+  if (job.status === "succeeded" && !c[8].querySelector("input")) {  // once: a refresh keeps the tick
+    c[8].appendChild(el("input", { type: "checkbox", class: "pick", value: job.id, "aria-label": "compare" }));
+  }
   return tr;
 }
 

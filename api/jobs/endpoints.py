@@ -57,6 +57,10 @@ _SUBMIT_BODY = {
                     "spec": {"$ref": "#/components/schemas/JobSpec"},
                     "dataset": {"type": "string", "format": "binary", "minLength": 1,
                                 "description": ".npz, or an ImageFolder .zip / .tar.gz"},
+                    "callback_url": {"type": "string", "format": "uri", "maxLength": 2048,
+                                     "description": "optional: every status change is POSTed here, signed the "
+                                                    "Standard Webhooks way (GET /webhooks/secret); only hosts the "
+                                                    "operator allows (SLIM_WEBHOOK_ALLOWED_HOSTS), else a 422"},
                 },
             },
             "encoding": {"spec": {"contentType": "application/json"}},

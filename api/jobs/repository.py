@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from ..db import session_factory_from_settings, utcnow
 from ..problems import problem
 from ..settings import Settings
+from ..webhooks.outbox import emit, subscribe
 from .models import CANCELED, FAILED, PHASES, QUEUED, RUNNING, SUCCEEDED, TERMINAL, Job
 
 
@@ -72,21 +73,25 @@ class JobRepository:
                         updated_at=now)
                 .execution_options(synchronize_session=False)
             ).rowcount
+            if claimed:
+                emit(s, id, now)
         if claimed:
             return self.get_job(id)
         with self.sessions.begin() as s:
-            s.execute(
+            ended = s.execute(
                 update(Job).where(Job.id == id, claimable, Job.cancel_requested.is_(True))
                 .values(status=CANCELED, updated_at=now).execution_options(synchronize_session=False)
-            )
-            s.execute(
+            ).rowcount
+            ended += s.execute(
                 update(Job).where(Job.id == id, claimable, Job.attempts >= max_attempts)
                 .values(status=FAILED, updated_at=now,
                         error=problem(500, "attempts-exhausted",
                                       f"the job was started {max_attempts} times and never finished "
                                       "(its worker died or was killed each time); giving up"))
                 .execution_options(synchronize_session=False)
-            )
+            ).rowcount
+            if ended:
+                emit(s, id, now)
         return None
 
     def update_progress(self, id: str, phase: str | None, progress: float,
@@ -155,11 +160,15 @@ class JobRepository:
 
     # -- API side ----------------------------------------------------------------------------------
 
-    def insert_job(self, job: Job) -> bool:
-        """Write a new job; False if its (owner, idempotency_key) is already taken (a concurrent twin)."""
+    def insert_job(self, job: Job, callback_url: str | None = None) -> bool:
+        """Write a new job (with its webhook subscription and first event when it has a ``callback_url``);
+        False if its (owner, idempotency_key) is already taken (a concurrent twin)."""
         try:
             with self.sessions.begin() as s:
                 s.add(job)
+                if callback_url is not None:
+                    s.flush()
+                    subscribe(s, job, callback_url, job.created_at)
         except IntegrityError:
             if job.idempotency_key is None:
                 raise
@@ -225,7 +234,10 @@ class JobRepository:
         return or_(Job.status == QUEUED, dead)
 
     def _set(self, id: str, condition: ColumnElement[bool], **values: Any) -> bool:
+        """Compare-and-set; a status change writes its webhook event in the same transaction."""
         with self.sessions.begin() as s:
             result = s.execute(update(Job).where(Job.id == id, condition).values(**values)
                                .execution_options(synchronize_session=False))
+            if result.rowcount and "status" in values:
+                emit(s, id, self.clock())
         return bool(result.rowcount)

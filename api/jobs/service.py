@@ -33,6 +33,7 @@ from ..redispatch import Redispatcher
 from ..settings import Settings
 from ..storage import JOB_ID, MODEL_FILES, ArtifactStore
 from ..uploads import FormPlan, ReceivedForm, StoredFile, receive_form
+from ..webhooks.policy import MAX_URL, check_url
 from .models import QUEUED, STATUSES, SUCCEEDED, Job
 from .repository import JobRepository
 
@@ -114,11 +115,16 @@ class JobService:
         job_id = uuid.uuid4().hex
         specs: list[JobSpec] = []
 
+        callbacks: list[str] = []
+
         def on_text(name: str, text: str) -> None:
             if name == "spec":  # checked as soon as it arrives, so a bad spec stops the upload early
                 specs.append(validate_spec(text))
+            elif name == "callback_url":  # likewise a URL this service may not call
+                callbacks.append(check_url(text, self.settings.webhook_allowed_hosts))
 
-        plan = FormPlan(files={"model": "model", "dataset": "dataset"}, texts={"spec": SPEC_LIMIT},
+        plan = FormPlan(files={"model": "model", "dataset": "dataset"},
+                        texts={"spec": SPEC_LIMIT, "callback_url": 4 * MAX_URL},  # longer than MAX_URL: a 422
                         file_limit=self.settings.max_upload_bytes, repeat={"model": ("model-files", MAX_MODEL_FILES)})
         keep = False
         try:
@@ -127,7 +133,7 @@ class JobService:
             if len(form.all_files("model")) > 1:  # before the row: a worker must never miss the manifest
                 manifest = [{"name": f.filename, "artifact": f.artifact} for f in form.all_files("model")]
                 await run_in_threadpool(self.store.put_stream, job_id, MODEL_FILES, [json.dumps(manifest).encode()])
-            stored, replayed = await run_in_threadpool(self._record, job)
+            stored, replayed = await run_in_threadpool(self._record, job, callbacks[0] if callbacks else None)
             keep = not replayed
             return stored, replayed
         finally:
@@ -162,10 +168,10 @@ class JobService:
                                "use a new key for a new job")
         return existing, True
 
-    def _record(self, job: Job) -> tuple[Job, bool]:
+    def _record(self, job: Job, callback_url: str | None = None) -> tuple[Job, bool]:
         if job.idempotency_key is not None and self.repo.find_by_idempotency_key(job.owner, job.idempotency_key):
             return self._replay(job)
-        if not self.repo.insert_job(job):
+        if not self.repo.insert_job(job, callback_url):
             return self._replay(job)
         try:
             enqueue(job.id, self.celery)

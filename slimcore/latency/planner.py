@@ -104,29 +104,41 @@ def plan_latency(model: nn.Module, gs: GroupSet, spec: PruneSpec, reduce: str, j
         k = fewest(aim)
         if k in seen:
             break
-        cand = copy.deepcopy(model)
-        remove = _select(gs, ranked, k, rounder)
-        apply(cand, gs, remove, calib=None)
-        b, t = job.compare(cand)
-        ratio = t.median_ms / b.median_ms
-        seen[k] = ratio
-        job.iterations.append({"iteration": i + 1, "aim": round(aim, 4), "predicted": round(predicted(k), 4),
-                               "measured": round(ratio, 4), "removed_channels": sum(int(v.numel()) for v in
-                                                                                  remove.values()),
-                               "latency": t.as_dict(), "baseline": b.as_dict()})
-        if abs(ratio - wanted) <= TOLERANCE * wanted:
+        seen[k] = _try(model, gs, ranked, k, rounder, job, {"iteration": i + 1, "aim": round(aim, 4),
+                                                             "predicted": round(predicted(k), 4)})
+        if abs(seen[k] - wanted) <= TOLERANCE * wanted:
             break
-        aim = min(max(aim * wanted / ratio, 0.01), 1.0)
+        aim = min(max(aim * wanted / seen[k], 0.01), 1.0)
     ok = {k: r for k, r in seen.items() if r <= wanted * (1 + TOLERANCE)}
     k = max(ok, key=lambda q: ok[q]) if ok else min(seen, key=lambda q: seen[q])
+    if len(seen) > 1:
+        # Picking the reading nearest the target among several favours one that noise flattered: the kept
+        # plan is timed once more, and that unbiased reading is the one reported and judged.
+        seen[k] = _try(model, gs, ranked, k, rounder, job, {"iteration": "confirm", "aim": None,
+                                                            "predicted": round(predicted(k), 4)})
+    met = seen[k] <= wanted * (1 + TOLERANCE)
     remove = _select(gs, ranked, k, rounder)
     p = Plan("latency", spec.amount, _threshold(ranked, k), remove)
     p.achieved = 1 - seen[k]
     job.target = {"requested_ratio": round(wanted, 4), "measured_ratio": round(seen[k], 4),
-                  "tolerance": TOLERANCE, "met": bool(ok)}
-    if not ok:
+                  "tolerance": TOLERANCE, "met": met}
+    if not met:
         p.warnings.append(
             f"latency target not reached on {job.settings.runtime}: asked for {wanted:.2f}x the original's latency, "
-            f"the fastest candidate measured {seen[k]:.2f}x after {len(seen)} tries (per-layer floors "
+            f"the kept plan measured {seen[k]:.2f}x after {len(seen)} tries (per-layer floors "
             f"min_channels={spec.min_channels}, unprunable layers and fixed costs limit it)")
     return p
+
+
+def _try(model: nn.Module, gs: GroupSet, ranked: tuple, k: int, rounder: Rounder, job: LatencyJob,
+         row: dict) -> float:
+    """Time the plan that removes the first ``k`` of the ranking; the reading goes into the report."""
+    remove = _select(gs, ranked, k, rounder)
+    cand = copy.deepcopy(model)
+    apply(cand, gs, remove, calib=None)
+    b, t = job.compare(cand)
+    ratio = t.median_ms / b.median_ms
+    job.iterations.append({**row, "measured": round(ratio, 4),
+                           "removed_channels": sum(int(v.numel()) for v in remove.values()),
+                           "latency": t.as_dict(), "baseline": b.as_dict()})
+    return ratio

@@ -180,7 +180,8 @@ class LatencyTable:
                 b = 16 * max(1, int(0.75 * size) // 16)
                 ref = self._at(site, dim, b)
                 slow = {a: self._at(site, dim, b - a) > SLOW * ref for a in (1, 2, 4, 8)}
-                site.steps[dim] = next((a for a in ALIGNMENTS if not any(s for al, s in slow.items() if al >= a)), 16)
+                step = next((a for a in ALIGNMENTS if not any(s for al, s in slow.items() if al >= a)), 16)
+                site.steps[dim] = min(step, max(1, size // 4))  # a coarser step would decide the layer's width
         return site.steps[dim]
 
     def curve(self, site: Site, dim: str) -> list[tuple[int, float]]:
