@@ -112,6 +112,8 @@ def plan_latency(model: nn.Module, gs: GroupSet, spec: PruneSpec, reduce: str, j
         k = _bracketed(seen, wanted)
         if k is None:  # no reading on each side of the target yet: correct the prediction's aim
             k = fewest(aim)
+            if k in seen:  # the prediction is flat there (per-op overhead): halve the distance instead
+                k = min(seen) // 2 if seen[min(seen)] < wanted else (max(seen) + n + 1) // 2
         elif k in seen:  # the bracket is one channel wide: nothing between to try
             break
     ok = {k: r for k, r in seen.items() if r <= wanted * (1 + TOLERANCE)}
