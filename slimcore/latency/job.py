@@ -102,11 +102,8 @@ class LatencyJob:
             out["layers"] = t.slowest()
         return out
 
-    def state(self) -> dict[str, Any]:
-        """What a resumed job must not measure again (the baseline ran on the original model)."""
-        return {"stages": self.stages}
-
     def restore(self, state: dict[str, Any] | None) -> None:
+        """A resumed job's stage timings from its checkpoint (the baseline ran on the original model)."""
         if state:
             self.stages.update(state.get("stages", {}))
 
