@@ -186,4 +186,4 @@ def test_digits_onnx_folded_through_slim_run(tmp_path, digits, digits_cnn):
     odd = [lay["name"] for lay in report["layers"] if lay["channels_after"] % 8
            and lay["channels_after"] != lay["channels_before"]]
     assert odd, "this plan keeps odd counts (round_to 1), so the warning below is exercised"
-    assert any("not multiples of 8" in w and "round_to: 8" in w for w in report["warnings"])
+    assert any("not multiples of 8" in w and 'round_to: "auto"' in w for w in report["warnings"])

@@ -210,7 +210,7 @@ def test_dashboard_submits_validates_and_compares_in_chromium(svc, submitted, tm
         del good["finetun"]
         page.fill("#spec", json.dumps(good))
         page.click("#send")
-        page.wait_for_function("document.querySelector('#submit-status').dataset.job", timeout=30_000)
+        page.wait_for_selector("#submit-status[data-job]", state="attached", timeout=30_000)
         new = page.eval_on_selector("#submit-status", "s => s.dataset.job")
         assert new and new != first and page.inner_text('.field-err[data-for="spec"]') == ""
         page.wait_for_selector(f'tr[data-id="{new}"].succeeded', timeout=300_000)
@@ -218,8 +218,14 @@ def test_dashboard_submits_validates_and_compares_in_chromium(svc, submitted, tm
         page.check(f'tr[data-id="{new}"] input.pick')
         page.click("#compare-btn")
         page.wait_for_selector("#compare-table img.gamma", timeout=15_000)
-        page.wait_for_function("[...document.querySelectorAll('#compare-table img')].every(i => i.complete "
-                               "&& i.naturalWidth > 0)", timeout=15_000)
+        # polled from here: wait_for_function evaluates a string in the page, which its CSP (no eval) refuses
+        for _ in range(60):
+            widths = page.eval_on_selector_all("#compare-table img", "imgs => imgs.map(i => i.complete ? "
+                                               "i.naturalWidth : 0)")
+            if widths and all(w > 0 for w in widths):
+                break
+            page.wait_for_timeout(250)
+        assert widths and all(w > 0 for w in widths), widths
         cells = page.eval_on_selector_all('#compare-table td[data-row="parameters"]',
                                           "tds => tds.map(t => [t.dataset.job, t.dataset.value])")
         with SlimClient(svc.url, KEY) as c:
