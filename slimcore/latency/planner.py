@@ -19,6 +19,7 @@ from ..groups import GroupSet
 from ..prune import Plan, Rounder, _rank, _select, _threshold, apply
 from ..spec import PruneSpec
 from .job import LatencyJob
+from .runtime import Timing
 
 TOLERANCE = 0.05  # relative to the wanted latency
 ITERATIONS = 4
@@ -32,10 +33,15 @@ ALIGN_FLOORS = (1, 8, 16)
 ALIGN_GAIN = 0.03  # a wider floor must be measured this much faster to be chosen (noise is ~±3%)
 
 
-def _measure(model: nn.Module, gs: GroupSet, remove: dict, job: LatencyJob) -> float:
+def _timed(model: nn.Module, gs: GroupSet, remove: dict, job: LatencyJob) -> tuple[Timing, Timing]:
+    """(original, candidate) for the plan ``remove``, timed interleaved: load on the machine slows both alike."""
     cand = copy.deepcopy(model)  # the analysis names modules, so it applies to the copy as it is
     apply(cand, gs, remove, calib=None)
-    b, t = job.compare(cand)  # interleaved with the original: load on the machine slows both alike
+    return job.compare(cand)
+
+
+def _measure(model: nn.Module, gs: GroupSet, remove: dict, job: LatencyJob) -> float:
+    b, t = _timed(model, gs, remove, job)
     return t.median_ms / b.median_ms
 
 
@@ -158,9 +164,7 @@ def _try(model: nn.Module, gs: GroupSet, ranked: tuple, k: int, rounder: Rounder
          row: dict) -> float:
     """Time the plan that removes the first ``k`` of the ranking; the reading goes into the report."""
     remove = _select(gs, ranked, k, rounder)
-    cand = copy.deepcopy(model)
-    apply(cand, gs, remove, calib=None)
-    b, t = job.compare(cand)
+    b, t = _timed(model, gs, remove, job)
     ratio = t.median_ms / b.median_ms
     job.iterations.append({**row, "measured": round(ratio, 4),
                            "removed_channels": sum(int(v.numel()) for v in remove.values()),
