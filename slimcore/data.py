@@ -54,7 +54,7 @@ class Dataset:
 
 
 def load_dataset(path: Path, *, task: str, input_shape: Any, seed: int = 0,
-                 workdir: Path | None = None) -> Dataset:
+                 workdir: Path | None = None, options: Any = None) -> Dataset:
     """Load and validate a data file; raises SlimError so a bad upload fails before any training starts.
 
     ``input_shape`` is batch-first (as in the job spec), one shape or a tuple of shapes (one per model

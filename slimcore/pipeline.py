@@ -110,7 +110,7 @@ def run_job(model_path: Path, spec: JobSpec, data_path: Path, out_path: Path, *,
     model = imported.module
     say("importing", 0.4, {"step": "reading the data"})
     data = load_dataset(data_path, task=spec.task, input_shape=imported.input_shapes, seed=spec.seed,
-                        workdir=workdir)
+                        workdir=workdir, options=spec.data)
     example = io.apply(io.rows(data.x_train, slice(0, 2)), torch.clone)
     _check_fit(model, data, spec, imported)
     out_fmt = imported.fmt if spec.export.format == "same" else spec.export.format

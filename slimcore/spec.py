@@ -175,6 +175,35 @@ class PruneSpec(_Strict):
         return self.target == "latency" or self.round_to == "auto"
 
 
+Size = Annotated[int, Field(ge=1, le=65_536)]
+
+
+class DataSpec(_Strict):
+    """How samples are read and prepared. Images: decoded lazily, resized (shorter side to ``resize``, or
+    straight to the model's H×W when ``resize`` is None, today's behaviour), center-cropped to ``crop``
+    (default: the model's H×W) for evaluation; training adds ``augment`` — ``standard``:
+    random-resized-crop + horizontal flip (the papers' CIFAR/ImageNet recipe), ``strong``: that plus
+    TrivialAugment and random erasing. ``mean``/``std`` (per channel, on the 0–1 scale) normalise after
+    that; None leaves pixels in 0–1. The defaults keep npz data exactly as uploaded (``augment`` applies to
+    4-d npz images too when asked). ``workers``: loader processes per job (None: chosen from the cores,
+    0 for data already in memory)."""
+
+    resize: Size | None = None
+    crop: Size | Annotated[list[Size], Field(min_length=2, max_length=2)] | None = None
+    mean: Annotated[list[float], Field(min_length=1, max_length=4)] | None = None
+    std: Annotated[list[Annotated[float, Field(gt=0)]], Field(min_length=1, max_length=4)] | None = None
+    augment: Literal["none", "standard", "strong"] = "none"
+    workers: Annotated[int, Field(ge=0, le=64)] | None = None
+
+    @model_validator(mode="after")
+    def _pairs(self) -> DataSpec:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("data.mean and data.std go together: give both or neither")
+        if self.mean is not None and self.std is not None and len(self.mean) != len(self.std):
+            raise ValueError("data.mean and data.std need one value per channel each")
+        return self
+
+
 class ExportSpec(_Strict):
     format: Literal["same", "torchscript", "pt2", "onnx"] = "same"
 
@@ -202,6 +231,7 @@ class JobSpec(_Strict):
     prune: PruneSpec = Field(default_factory=PruneSpec)
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
+    data: DataSpec = Field(default_factory=DataSpec)
     seed: int = 0
 
     @field_validator("input_shape")
