@@ -27,8 +27,8 @@ def _run(args: argparse.Namespace) -> int:
     from .spec import parse_spec
 
     for p, what in ((args.model, "model"), (args.data, "data"), (args.spec, "spec")):
-        if not Path(p).is_file():
-            raise SlimError(f"{what} file not found: {p}")
+        if not (Path(p).is_file() or (what == "data" and Path(p).is_dir())):
+            raise SlimError(f"{what} {'file or folder' if what == 'data' else 'file'} not found: {p}")
     spec = parse_spec(Path(args.spec).read_text())
     from .pipeline import run_job
 
@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("model", help="TorchScript file, torch.export .pt2 program, ONNX file (its external data "
                                    "files beside it) or a .zip/.tar.gz bundle of an ONNX file and its data files")
     run.add_argument("--spec", required=True, help="job spec JSON (version 1)")
-    run.add_argument("--data", required=True, help=".npz or ImageFolder .zip/.tar.gz")
+    run.add_argument("--data", required=True, help=".npz; an ImageFolder tree (train/<class>/<image>) as a folder, "
+                                                 ".zip, .tar or .tar.gz; or a folder of WebDataset .tar shards")
     run.add_argument("-o", "--output", required=True, help="where to write the slimmed model")
     run.add_argument("--report", help="where to write the gamma report JSON")
     run.add_argument("--plots", help="a directory for the report's PNG plots (gamma, channels, stages)")

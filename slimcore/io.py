@@ -12,7 +12,7 @@ batch on dim 0. Single-input code keeps passing plain tensors: every helper acce
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeAlias
 
 import torch
@@ -22,8 +22,30 @@ Inputs: TypeAlias = "torch.Tensor | tuple[torch.Tensor, ...]"
 Shape: TypeAlias = "tuple[int, ...]"
 
 
+class LazyInputs:
+    """Inputs too many to hold in memory (an image folder, tar shards, a memory-mapped array): samples are
+    decoded on demand. Every helper here accepts them where it accepts tensors, materialising only the rows
+    asked for (:func:`rows`) or one batch at a time (:func:`batches`), so code that looks at a few samples
+    (examples, calibration, checks) needs no second path. Training asks the data package for a loader."""
+
+    rank: int  # dimensions of one batch of the first input, e.g. 4 for images
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def take(self, positions: Sequence[int]) -> Inputs:
+        """The samples at ``positions``, decoded the deterministic (evaluation) way and stacked."""
+        raise NotImplementedError
+
+    def batches(self, size: int) -> Iterable[Inputs]:
+        """Every sample in order, ``size`` at a time (decoded on loader workers)."""
+        raise NotImplementedError
+
+
 def args(x: Any) -> tuple[torch.Tensor, ...]:
     """The positional arguments ``x`` stands for: ``(x,)`` for a tensor, the tensors themselves for a tuple."""
+    if isinstance(x, LazyInputs):
+        return args(x.take([0]))
     return (x,) if isinstance(x, torch.Tensor) else tuple(x)
 
 
@@ -39,16 +61,29 @@ def call(model: Callable[..., Any], x: Any) -> Any:
 
 def num_rows(x: Any) -> int:
     """Batch size of ``x`` (all inputs share it)."""
+    if isinstance(x, LazyInputs):
+        return len(x)
     return int(args(x)[0].shape[0])
 
 
+def rank(x: Any) -> int:
+    """Dimensions of a batch of the first input (4 for images): decides channels_last on CUDA."""
+    return x.rank if isinstance(x, LazyInputs) else args(x)[0].dim()
+
+
 def rows(x: Any, index: Any) -> Inputs:
-    """``x[index]`` along the batch for every input (a slice, index tensor or list)."""
+    """``x[index]`` along the batch for every input (a slice, index tensor or list); lazy inputs decode
+    just those rows."""
+    if isinstance(x, LazyInputs):
+        positions = range(len(x))[index] if isinstance(index, slice) else torch.as_tensor(index).tolist()
+        return x.take(list(positions))
     return pack([t[index] for t in args(x)])
 
 
-def batches(x: Any, size: int) -> list[Inputs]:
+def batches(x: Any, size: int) -> Iterable[Inputs]:
     """``x`` cut into consecutive batches of ``size`` rows (the last may be shorter)."""
+    if isinstance(x, LazyInputs):
+        return x.batches(size)
     return [rows(x, slice(i, i + size)) for i in range(0, num_rows(x), size)]
 
 

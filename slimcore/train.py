@@ -124,7 +124,7 @@ def _batch_to(x: io.Inputs, device: torch.device) -> io.Inputs:
 
 
 def _rank(x: io.Inputs) -> int:
-    return io.args(x)[0].dim()
+    return io.rank(x)
 
 
 def _lr_at(spec: TrainSpec, it: int, total: int) -> float:

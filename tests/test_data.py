@@ -187,11 +187,12 @@ def _pack(src: Path, out: Path) -> Path:
 
 @pytest.mark.parametrize("fmt", ["zip", "tar.gz"])
 @pytest.mark.parametrize("channels", [1, 3])
-def test_image_folder(tmp_path, fmt, channels):
+def test_image_folder(tmp_path, fmt, channels, monkeypatch):
     _tree(tmp_path / "src")
     path = _pack(tmp_path / "src", tmp_path / f"imgs.{fmt}")
-    work = tmp_path / "work"
-    ds = load_dataset(path, task="classification", input_shape=(1, channels, 8, 8), workdir=work)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SLIM_CACHE_DIR", str(cache))
+    ds = load_dataset(path, task="classification", input_shape=(1, channels, 8, 8))
     assert ds.x_train.shape == (6, channels, 8, 8) and ds.x_val.shape == (2, channels, 8, 8)
     assert ds.x_train.dtype == torch.float32 and 0 <= ds.x_train.min() and ds.x_train.max() <= 1
     assert ds.classes == ["cat", "dog"] and ds.num_classes == 2 and ds.val_source == "val/"
@@ -199,7 +200,13 @@ def test_image_folder(tmp_path, fmt, channels):
     assert ds.y_val is not None and ds.y_val.tolist() == [0, 1]
     if channels == 3:
         torch.testing.assert_close(ds.x_train[0, :, 4, 4], torch.tensor([200, 30, 30]) / 255.0)
-    assert [p.name for p in work.iterdir()][0].startswith("data-")  # extracted inside workdir only
+    if fmt == "zip":  # read in place: nothing extracted anywhere
+        assert not cache.exists()
+    else:  # a compressed tar cannot be read at random: extracted once per content, then reused
+        (extracted,) = (cache / "extracted").iterdir()
+        again = load_dataset(path, task="classification", input_shape=(1, channels, 8, 8))
+        assert [p.name for p in (cache / "extracted").iterdir()] == [extracted.name]
+        torch.testing.assert_close(again.x_val, ds.x_val)
 
 
 def test_image_folder_split_wrapper_and_junk(tmp_path):
