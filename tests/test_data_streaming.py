@@ -186,3 +186,25 @@ def test_slim_run_missing_data_folder(tmp_path, digits_cnn):
     spec = write_spec(tmp_path / "spec.json", **SPEC)
     r = run_slim("run", str(model), "--spec", str(spec), "--data", str(tmp_path / "nope"), "-o", str(tmp_path / "o"))
     assert r.returncode != 0 and "data file or folder not found" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_large_npz_is_memory_mapped(tmp_path, digits, compressed, monkeypatch):
+    """An npz over the in-memory limit is read row by row from the file (numpy.savez: mapped in place;
+    savez_compressed: inflated once into the cache), checked in slices, and trains like the loaded one."""
+    monkeypatch.setenv("SLIM_DATA_IN_MEMORY_MB", "0")
+    monkeypatch.setenv("SLIM_CACHE_DIR", str(tmp_path / "cache"))
+    d = dict(np.load(digits))
+    d["x"] = np.clip(np.rint(d["x"] * 255), 0, 255).astype(np.uint8)  # pixels, as images are saved
+    path = tmp_path / "big.npz"
+    (np.savez_compressed if compressed else np.savez)(path, **d)
+    ds = load_dataset(path, task="classification", input_shape=(1, 1, 8, 8), options=DataSpec(workers=0))
+    assert isinstance(ds.x_train, io.LazyInputs) and ds.source == "lazy"
+    assert isinstance(ds.x_train.arrays[0], np.memmap)
+    torch.testing.assert_close(io.rows(ds.x_train, slice(0, 3)), torch.from_numpy(d["x"][:3] / 255).float())
+    assert (tmp_path / "cache").exists() == compressed
+    d["x"] = d["x"].astype(np.float32)
+    d["x"][700, 0, 3, 3] = np.nan
+    np.savez(path, **d)
+    with pytest.raises(SlimError, match="NaN or infinite values \\(first in sample 700\\)"):
+        load_dataset(path, task="classification", input_shape=(1, 1, 8, 8))

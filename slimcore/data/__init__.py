@@ -52,7 +52,7 @@ def load_dataset(path: Path, *, task: str, input_shape: Any, seed: int = 0,
     name = path.name.lower()
     workers = default_workers(getattr(options, "workers", None))
     if path.is_file() and name.endswith(".npz"):
-        return _arrays(load_npz(path, task, shapes, seed), options, workers)
+        return _arrays(load_npz(path, task, shapes, seed, workers), options, workers)
     if shapes is not None and len(shapes) > 1:
         raise SlimError(f"the model takes {len(shapes)} inputs; image data feeds one, so upload an .npz with "
                         f"arrays {', '.join(f'x{i}' for i in range(len(shapes)))}")
@@ -86,6 +86,15 @@ def _arrays(ds: Dataset, options: Any, workers: int) -> Dataset:
     augment = getattr(options, "augment", "none") != "none"
     normalise = getattr(options, "mean", None) is not None
     if not (augment or normalise):
+        return ds
+    if isinstance(ds.x_train, ArraySamples):  # memory-mapped: the same rows, prepared the spec's way
+        ds.x_train.preps = [ArrayPrep(tuple(a.shape[1:]), options) for a in ds.x_train.arrays]
+        if isinstance(ds.x_val, ArraySamples):
+            plain = options.model_copy(update={"augment": "none"})
+            ds.x_val.preps = [ArrayPrep(tuple(a.shape[1:]), plain) for a in ds.x_val.arrays]
+            return ds
+        norms = [Normalise(options, a.shape[1]) for a in ds.x_train.arrays]
+        ds.x_val = io.pack([_normalised(t, n) for t, n in zip(io.args(ds.x_val), norms, strict=True)])
         return ds
     xs = io.args(ds.x_train)
     preps = [ArrayPrep(tuple(t.shape[1:]), options) for t in xs]

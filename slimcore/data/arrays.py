@@ -7,9 +7,14 @@ anything (an npz is a zip, and its headers are user input).
 
 from __future__ import annotations
 
+import io as _io
+import os
+import shutil
+import struct
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +23,10 @@ from .. import io
 from ..archive import MAX_BYTES_ENV, default_max_bytes
 from ..errors import SlimError
 from .core import Dataset, finish, split
+from .folders import in_memory_limit
+from .prep import ArrayPrep
+from .samples import ArraySamples
+from .stores import cache_root
 
 # --- npz ----------------------------------------------------------------------------------------------
 
@@ -25,8 +34,8 @@ from .core import Dataset, finish, split
 def _vet_npz(path: Path) -> None:
     """An npz is a zip too: bound what it inflates to before numpy allocates arrays from its headers."""
     limit = default_max_bytes()
-    with zipfile.ZipFile(path) as zf:
-        declared = sum(info.file_size for info in zf.infolist())
+    with zipfile.ZipFile(path) as zf:  # stored (numpy.savez) members are mapped, never inflated
+        declared = sum(info.file_size for info in zf.infolist() if info.compress_type != zipfile.ZIP_STORED)
         if declared > limit:
             raise SlimError(f"{path.name!r} expands to {declared} bytes, over the {limit}-byte limit; "
                             f"upload less data (operators can raise {MAX_BYTES_ENV})")
@@ -46,11 +55,14 @@ def _vet_npz(path: Path) -> None:
                                 f"holds {info.file_size}; the file is corrupt, re-save it with numpy.savez")
 
 
-def load_npz(path: Path, task: str, shapes: tuple[tuple[int, ...], ...] | None, seed: int) -> Dataset:
+def load_npz(path: Path, task: str, shapes: tuple[tuple[int, ...], ...] | None, seed: int,
+             workers: int = 0) -> Dataset:
+    """Arrays larger than ``SLIM_DATA_IN_MEMORY_MB`` as float32 stay memory-mapped (numpy.savez stores
+    members uncompressed, so they are mapped in place; a compressed one is inflated once into the cache) and
+    are read row by row on loader workers; smaller ones are loaded as before."""
     try:
         _vet_npz(path)
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
+        arrays = _open_arrays(path)
     except ValueError as err:
         if "pickle" in str(err).lower():
             raise SlimError(f"{path.name!r} holds object (pickled) arrays, which are refused for safety; "
@@ -73,7 +85,7 @@ def load_npz(path: Path, task: str, shapes: tuple[tuple[int, ...], ...] | None, 
                         "add y (integer class per sample) or use task 'distillation'")
 
     xs = [_features(arrays[k], k) for k in keys]
-    _same_rows(xs, keys)
+    _same_rows(xs, keys)  # type: ignore[arg-type]
     y = _labels(arrays["y"], "y", len(xs[0]), keys[0]) if labelled else None
     for i, xi in enumerate(xs):
         _check_shape(xi, shapes[i] if shapes is not None else None, keys[i] if len(keys) > 1 else "")
@@ -85,8 +97,63 @@ def load_npz(path: Path, task: str, shapes: tuple[tuple[int, ...], ...] | None, 
                 raise SlimError(f"{k}_val samples have shape {tuple(xv.shape[1:])} but {k} samples have "
                                 f"{tuple(xi.shape[1:])}; they must match")
         y_val = _labels(arrays["y_val"], "y_val", len(x_vals[0]), vkeys[0]) if labelled else None
-        return finish(io.pack(xs), y, io.pack(x_vals), y_val, vkeys[0] if len(keys) == 1 else "x*_val", None)
-    return split(io.pack(xs), y, seed, None)
+        return _sourced(finish(_inputs(xs, workers), y, _inputs(x_vals, workers), y_val,
+                               vkeys[0] if len(keys) == 1 else "x*_val", None))
+    return _sourced(split(_inputs(xs, workers), y, seed, None))
+
+
+def _inputs(xs: list[Any], workers: int) -> Any:
+    """Tensors as they are; any memory-mapped array makes the inputs lazy rows."""
+    if all(isinstance(x, torch.Tensor) for x in xs):
+        return io.pack(xs)
+    return ArraySamples(xs, [ArrayPrep(tuple(x.shape[1:]), None) for x in xs], workers)
+
+
+def _sourced(ds: Dataset) -> Dataset:
+    ds.source = "lazy" if isinstance(ds.x_train, io.LazyInputs) else "memory"
+    return ds
+
+
+def _open_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of the npz: stored members memory-mapped in place, compressed ones read (or, when larger
+    than the in-memory limit, inflated once into the cache and mapped)."""
+    out: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as raw:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            key = info.filename[:-4]
+            if info.compress_type == zipfile.ZIP_STORED:
+                raw.seek(info.header_offset + 26)
+                name_len, extra_len = struct.unpack("<HH", raw.read(4))
+                raw.seek(info.header_offset + 30 + name_len + extra_len)
+                version = np.lib.format.read_magic(raw)
+                dims, fortran, dtype = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                        else np.lib.format.read_array_header_2_0)(raw)
+                if dtype.hasobject:
+                    raise ValueError("object arrays need pickle")
+                if int(np.prod(dims)) == 0:
+                    out[key] = np.zeros(dims, dtype)
+                    continue
+                out[key] = np.memmap(path, dtype=dtype, mode="r", offset=raw.tell(), shape=dims,
+                                     order="F" if fortran else "C")
+            elif info.file_size > in_memory_limit():
+                out[key] = np.load(_inflated(zf, info, path), mmap_mode="r", allow_pickle=False)
+            else:
+                with zf.open(info) as f:
+                    out[key] = np.load(_io.BytesIO(f.read()), allow_pickle=False)
+    return out
+
+
+def _inflated(zf: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> Path:
+    dest = cache_root() / "npy" / f"{path.stat().st_size}-{info.CRC:08x}-{info.filename}"
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".part-{os.getpid()}-{dest.name}")
+        with zf.open(info) as src, open(tmp, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+        tmp.replace(dest)
+    return dest
 
 
 def _input_keys(path: Path, arrays: dict[str, np.ndarray], n_inputs: int | None) -> list[str]:
@@ -126,12 +193,18 @@ def _features(a: np.ndarray, name: str) -> torch.Tensor:
         raise SlimError(f"array {name!r} has shape {a.shape}; it needs a sample axis first, (N, features...)")
     if a.shape[0] == 0:
         raise SlimError(f"array {name!r} is empty (0 samples); upload a data set with samples in it")
-    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, reported just below
-        out = a.astype(np.float32) / np.float32(255) if a.dtype == np.uint8 else a.astype(np.float32)
-    if not np.isfinite(out).all():
-        idx = int(np.argwhere(~np.isfinite(out))[0][0])
-        raise SlimError(f"array {name!r} has NaN or infinite values (first in sample {idx}); "
-                        "clean or drop those samples")
+    big = isinstance(a, np.memmap) and a.size * 4 > in_memory_limit()
+    step = max(1, (64 * 1024**2) // max(1, int(np.prod(a.shape[1:])) * 4)) if big else len(a)
+    for start in range(0, len(a), step):  # a mapped array is checked in 64 MB slices, never loaded whole
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, reported just below
+            part = a[start:start + step]
+            out = part.astype(np.float32) / np.float32(255) if a.dtype == np.uint8 else part.astype(np.float32)
+        if not np.isfinite(out).all():
+            idx = start + int(np.argwhere(~np.isfinite(out))[0][0])
+            raise SlimError(f"array {name!r} has NaN or infinite values (first in sample {idx}); "
+                            "clean or drop those samples")
+    if big:
+        return a  # type: ignore[return-value]
     return torch.from_numpy(np.ascontiguousarray(out))
 
 
