@@ -208,3 +208,29 @@ def test_large_npz_is_memory_mapped(tmp_path, digits, compressed, monkeypatch):
     np.savez(path, **d)
     with pytest.raises(SlimError, match="NaN or infinite values \\(first in sample 700\\)"):
         load_dataset(path, task="classification", input_shape=(1, 1, 8, 8))
+
+
+def test_service_job_streams_an_uploaded_zip(tmp_path, digit_tree, digits_cnn):
+    """Through the embedded service: an ImageFolder zip uploaded with the job, read in place and decoded on
+    loader worker processes inside the worker's (daemonic) task process."""
+    import zipfile
+
+    from api.client import SlimClient
+    from tests.service_harness import Service
+
+    archive = tmp_path / "digits.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in sorted(digit_tree.rglob("*.png")):
+            zf.write(p, p.relative_to(digit_tree).as_posix())
+    model = save_model(digits_cnn, "trace", tmp_path / "m.pt", torch.zeros(1, 1, 8, 8))
+    svc = Service(tmp_path, {"SLIM_DATA_IN_MEMORY_MB": "0"}, embedded=True)
+    try:
+        svc.start_api()
+        with SlimClient(svc.url) as c:
+            job = c.wait(c.submit(model, {**SPEC, "data": {"workers": 1}}, archive)["id"], poll=0.5, timeout=600)
+            assert job["status"] == "succeeded", (job, svc.logs())
+            report = c.report(job["id"])
+            assert report["data"]["source"] == "lazy" and report["data"]["loader_workers"] == 1
+            assert report["data"]["train"] == 1400 and report["stages"]["finetuned"]["accuracy"] > 0.9
+    finally:
+        svc.close()

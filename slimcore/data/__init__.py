@@ -35,6 +35,15 @@ _DATA_FILES = (".npz", ".zip", ".tar.gz", ".tgz", ".tar")
 def load_dataset(path: Path, *, task: str, input_shape: Any, seed: int = 0,
                  workdir: Path | None = None, options: Any = None,
                  progress: Progress | None = None) -> Dataset:
+    ds = _load(path, task=task, input_shape=input_shape, seed=seed, workdir=workdir, options=options,
+               progress=progress)
+    lazy = isinstance(ds.x_train, io.LazyInputs) or isinstance(ds.x_val, io.LazyInputs)
+    ds.workers = default_workers(getattr(options, "workers", None)) if lazy else 0
+    return ds
+
+
+def _load(path: Path, *, task: str, input_shape: Any, seed: int = 0,
+          workdir: Path | None = None, options: Any = None, progress: Progress | None = None) -> Dataset:
     """Load and validate a data file or folder; raises SlimError so bad data fails before any training.
 
     ``input_shape`` is batch-first (as in the job spec), one shape or a tuple of shapes (one per model
@@ -62,8 +71,8 @@ def load_dataset(path: Path, *, task: str, input_shape: Any, seed: int = 0,
             return load_shards(shards, task, shape, seed, options, workers, progress)
         inner = [p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(_DATA_FILES)]
         if len(inner) == 1 and len(list(path.iterdir())) == 1:  # a folder holding one data file
-            return load_dataset(inner[0], task=task, input_shape=input_shape, seed=seed, options=options,
-                                progress=progress)
+            return _load(inner[0], task=task, input_shape=input_shape, seed=seed, options=options,
+                         progress=progress)
         return load_images(open_store(path), task, shape, seed, options, workers, progress)
     if not name.endswith((".zip", ".tar.gz", ".tgz", ".tar")):
         raise SlimError(f"unsupported data file {path.name!r}; upload {SUPPORTED} "

@@ -26,7 +26,8 @@ class Dataset:
     epoch (then samples are decoded on loader workers; :mod:`slimcore.io` helpers accept every form).
     ``y_*`` (labels, one int64 per sample: small even for a million images) and ``num_classes`` are None
     for distillation, where the teacher model supplies the targets. ``classes`` maps label index to folder
-    name for ImageFolder data (None for npz). ``source`` says how it is read (report: ``data.source``).
+    name for ImageFolder data (None for npz). ``source`` (``memory`` or ``lazy``) and ``workers`` say how it
+    is read (the report's ``data``).
     """
 
     x_train: io.Inputs
@@ -37,6 +38,7 @@ class Dataset:
     val_source: str
     classes: list[str] | None
     source: str = "memory"
+    workers: int = 0  # loader processes decoding lazy samples (0: in memory, or decoded in this process)
 
 
 def split(x: io.Inputs, y: torch.Tensor | None, seed: int, classes: list[str] | None) -> Dataset:
