@@ -35,6 +35,12 @@ _DATA_FILES = (".npz", ".zip", ".tar.gz", ".tgz", ".tar")
 def load_dataset(path: Path, *, task: str, input_shape: Any, seed: int = 0,
                  workdir: Path | None = None, options: Any = None,
                  progress: Progress | None = None) -> Dataset:
+    """Load and validate a data file or folder; raises SlimError so bad data fails before any training.
+
+    ``input_shape`` is batch-first (as in the job spec), one shape or a tuple of shapes (one per model
+    input); only the per-sample part is compared. ``options`` is the spec's ``data`` block (None: the
+    defaults). ``workdir`` is unused since archives are read in place (kept for callers).
+    """
     ds = _load(path, task=task, input_shape=input_shape, seed=seed, workdir=workdir, options=options,
                progress=progress)
     lazy = isinstance(ds.x_train, io.LazyInputs) or isinstance(ds.x_val, io.LazyInputs)
@@ -44,12 +50,6 @@ def load_dataset(path: Path, *, task: str, input_shape: Any, seed: int = 0,
 
 def _load(path: Path, *, task: str, input_shape: Any, seed: int = 0,
           workdir: Path | None = None, options: Any = None, progress: Progress | None = None) -> Dataset:
-    """Load and validate a data file or folder; raises SlimError so bad data fails before any training.
-
-    ``input_shape`` is batch-first (as in the job spec), one shape or a tuple of shapes (one per model
-    input); only the per-sample part is compared. ``options`` is the spec's ``data`` block (None: the
-    defaults). ``workdir`` is unused since archives are read in place (kept for callers).
-    """
     del workdir
     if task not in TASKS:
         raise SlimError(f"unknown task {task!r}; use one of {', '.join(TASKS)}")
