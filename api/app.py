@@ -18,6 +18,9 @@ from slimcore.spec import JobSpec
 from . import dashboard, system
 from .auth import InsecureBindError, check_bind
 from .counters import read_counters
+from .datasets import endpoints as dataset_endpoints
+from .datasets.repository import DatasetRepository
+from .datasets.service import DatasetService
 from .db import init_db, make_engine, make_session_factory
 from .jobs import endpoints as jobs_endpoints
 from .jobs.repository import JobRepository
@@ -36,7 +39,7 @@ __all__ = ["InsecureBindError", "check_bind", "create_app"]
 
 DESCRIPTION = """Upload a trained model, a job spec and data; get back a slimmed model and a gamma report.
 
-Errors are `application/problem+json` (RFC 9457). With `SLIM_API_KEYS` set, `/jobs` needs
+Errors are `application/problem+json` (RFC 9457). With `SLIM_API_KEYS` set, `/jobs` and `/datasets` need
 `Authorization: Bearer <key>`."""
 
 
@@ -68,6 +71,7 @@ def create_app(settings: Settings | None = None, *, host: str | None = None) -> 
     app = FastAPI(title="slim", version="1", description=DESCRIPTION, lifespan=lifespan, docs_url="/docs")
     app.state.settings = settings
     app.state.jobs = JobService(settings, repo, store, celery)
+    app.state.datasets = DatasetService(settings, DatasetRepository(repo.sessions), store)
     app.state.webhooks = sender
     app.state.metrics = Metrics(repo.count_by_status, lambda: read_counters(repo.sessions))
     install_problem_handlers(app)
@@ -75,6 +79,7 @@ def create_app(settings: Settings | None = None, *, host: str | None = None) -> 
     app.include_router(dashboard.router)
     app.include_router(jobs_endpoints.router)
     app.include_router(webhook_endpoints.router)
+    app.include_router(dataset_endpoints.router)
     app.add_middleware(LatencyMiddleware, metrics=app.state.metrics)
 
     def openapi() -> dict[str, Any]:

@@ -16,6 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .datasets.policy import DatasetURLError, normalize_url
+
 #: A job longer than this would be redelivered by Redis while still running (FINDINGS: late ack plus
 #: visibility timeout loops), so it is set far above any job we expect.
 VISIBILITY_TIMEOUT_S = 24 * 3600
@@ -106,6 +108,10 @@ class Settings:
     webhook_max_attempts: int = 8
     webhook_backoff_s: float = 2.0  # first retry after this, doubling, at most an hour apart
     webhook_timeout_s: float = 5.0
+    #: Where ``POST /datasets`` may register a URL (``api.datasets.policy``): normalised fsspec URL prefixes, each
+    #: a folder boundary. Empty (the default): URL registration is refused, so no request makes the service read
+    #: from anywhere.
+    dataset_url_prefixes: tuple[str, ...] = ()
 
     @property
     def auth_enabled(self) -> bool:
@@ -142,7 +148,20 @@ class Settings:
             webhook_max_attempts=_int(env, "SLIM_WEBHOOK_MAX_ATTEMPTS", 8),
             webhook_backoff_s=_float(env, "SLIM_WEBHOOK_BACKOFF_S", 2.0),
             webhook_timeout_s=_float(env, "SLIM_WEBHOOK_TIMEOUT_S", 5.0),
+            dataset_url_prefixes=_prefixes(env.get("SLIM_DATASET_URL_PREFIXES", "")),
         )
+
+
+def _prefixes(raw: str) -> tuple[str, ...]:
+    out = []
+    for item in (p.strip() for p in raw.split(",")):
+        if not item:
+            continue
+        try:
+            out.append(normalize_url(item))
+        except DatasetURLError as err:
+            raise SettingsError(f"SLIM_DATASET_URL_PREFIXES entry {item!r}: {err}") from None
+    return tuple(out)
 
 
 def filesystem_broker_options(root: Path) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Artifact store: uploads, results, reports and checkpoints, addressed by job id only.
+"""Artifact store: uploads, results, reports and checkpoints, addressed by job id; registered datasets,
+addressed by their content's sha256.
 
 It sits on fsspec so a local folder (the default) and object stores (``s3://…``, ``memory://…``) work
 alike. Paths are built here from a validated job id and a fixed set of names, never from anything a
@@ -21,6 +22,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CHECKPOINT = re.compile(r"^checkpoints/[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 MODEL_FILES = "model-files.json"  # the manifest of a model sent as several files: [{"name", "artifact"}, …]
 NAMES = frozenset({"model", "dataset", "result", "report.json", MODEL_FILES})
@@ -140,8 +142,60 @@ class ArtifactStore:
     def size(self, job_id: str, name: str) -> int:
         return int(self.fs.size(self.path(job_id, name)))
 
+    # -- registered datasets: datasets/<sha256>, one copy of each content however many records name it ---------
+
+    def dataset_path(self, sha256: str) -> str:
+        if not SHA256.match(sha256):
+            raise ValueError(f"not a sha256: {sha256!r}")
+        return f"{self.root}/datasets/{sha256}"
+
+    def staging(self) -> DatasetStaging:
+        """Where an upload to ``POST /datasets`` streams before its digest (and so its name) is known."""
+        return DatasetStaging(self)
+
+    def publish_dataset(self, upload_id: str, sha256: str) -> None:
+        """Move a staged upload to its content address; when that content is already stored, drop the upload."""
+        staged, final = DatasetStaging(self).path(upload_id), self.dataset_path(sha256)
+        if self.fs.exists(final):
+            self.fs.rm(staged)
+        else:
+            self.fs.mv(staged, final)
+
+    def discard_staged(self, upload_id: str) -> None:
+        staged = DatasetStaging(self).path(upload_id)
+        if self.fs.exists(staged):
+            self.fs.rm(staged)
+
+    def dataset_exists(self, sha256: str) -> bool:
+        return bool(self.fs.exists(self.dataset_path(sha256)))
+
+    def open_dataset(self, sha256: str) -> IO[bytes]:
+        return self.fs.open(self.dataset_path(sha256), "rb")
+
+    def delete_dataset(self, sha256: str) -> None:
+        if self.dataset_exists(sha256):
+            self.fs.rm(self.dataset_path(sha256))
+
     def delete_job(self, job_id: str) -> None:
         _check(job_id, "model")
         folder = f"{self.root}/jobs/{job_id}"
         if self.fs.exists(folder):
             self.fs.rm(folder, recursive=True)
+
+
+class DatasetStaging:
+    """``receive_form``'s target for ``POST /datasets``: the ``dataset`` part of upload ``key`` is written to
+    ``datasets/incoming/<key>`` and moved to its content address by :meth:`ArtifactStore.publish_dataset`."""
+
+    def __init__(self, store: ArtifactStore) -> None:
+        self.store = store
+
+    def path(self, key: str) -> str:
+        if not JOB_ID.match(key):
+            raise ValueError(f"not an upload id: {key!r}")
+        return f"{self.store.root}/datasets/incoming/{key}"
+
+    def open_write(self, key: str, name: str, limit: int | None = None) -> ArtifactWriter:
+        if name != "dataset":
+            raise ValueError(f"a dataset upload stores one part, not {name!r}")
+        return ArtifactWriter(self.store.fs, self.path(key), limit)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -18,10 +19,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
 from .problems import ProblemError
-from .storage import ArtifactStore, ArtifactWriter, UploadTooLarge
+from .storage import ArtifactWriter, UploadTooLarge
 
 #: Bytes gathered from the socket before one hop to a worker thread (parsing and disk writes block).
 BATCH = 1024 * 1024
+
+
+class WriteTarget(Protocol):
+    """Where file parts go: ``ArtifactStore`` (a job's uploads) or ``DatasetStaging`` (``POST /datasets``)."""
+
+    def open_write(self, key: str, name: str, limit: int | None = None, /) -> ArtifactWriter: ...
 
 
 @dataclass
@@ -65,7 +72,7 @@ def _display_name(raw: bytes | None) -> str:
 class _Receiver:
     """python-multipart callbacks; they run in a worker thread, one part at a time."""
 
-    def __init__(self, store: ArtifactStore, job_id: str, plan: FormPlan,
+    def __init__(self, store: WriteTarget, job_id: str, plan: FormPlan,
                  on_text: Callable[[str, str], None]) -> None:
         self.store, self.job_id, self.plan, self.on_text = store, job_id, plan, on_text
         self.form = ReceivedForm()
@@ -186,7 +193,7 @@ def _check_length(request: Request, plan: FormPlan) -> None:
                            f"allow ({plan.file_limit} bytes per file, SLIM_MAX_UPLOAD_BYTES)")
 
 
-async def receive_form(request: Request, store: ArtifactStore, job_id: str, plan: FormPlan,
+async def receive_form(request: Request, store: WriteTarget, job_id: str, plan: FormPlan,
                        on_text: Callable[[str, str], None]) -> ReceivedForm:
     """Stream the body into ``store`` under ``job_id``; ``on_text`` may raise to stop early.
 

@@ -60,8 +60,9 @@ def test_the_form_and_the_cursor_are_declared_exactly(tmp_path: Path):
     doc = _doc(tmp_path)
     form = doc["paths"]["/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert form["additionalProperties"] is False
-    assert set(form["properties"]) == {"model", "spec", "dataset", "callback_url"}
-    assert form["required"] == ["model", "spec", "dataset"]
+    assert set(form["properties"]) == {"model", "spec", "dataset", "dataset_id", "callback_url"}
+    assert form["required"] == ["model", "spec"]
+    assert form["oneOf"] == [{"required": ["dataset"]}, {"required": ["dataset_id"]}]  # a file or an id, not both
     assert "repeat this part" in form["properties"]["model"]["description"]
     params = {p["name"]: p for p in doc["paths"]["/jobs"]["get"]["parameters"]}
     cursor = params["cursor"]["schema"]  # a pattern beside anyOf [string, null] constrains the string

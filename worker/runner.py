@@ -2,9 +2,10 @@
 
 It claims the job atomically (a redelivered or duplicate message for a finished, canceled or live job
 is dropped, which is what breaks Celery's redelivery loop), copies the uploads from storage into a
-scratch directory, runs ``slimcore.pipeline.run_job`` with checkpoints kept in storage (so another
-worker can resume), reports progress and heartbeats, honours cancellation cooperatively with a hard
-stop after a grace period, and stores the result and report under the job's id.
+scratch directory (a registered dataset is read from the worker's cache instead: ``worker.datasets``),
+runs ``slimcore.pipeline.run_job`` with checkpoints kept in storage (so another worker can resume),
+reports progress and heartbeats, honours cancellation cooperatively with a hard stop after a grace
+period, and stores the result and report under the job's id.
 """
 
 from __future__ import annotations
@@ -108,8 +109,12 @@ def run(job_id: str, store: JobStore, *, worker_name: str | None = None, device:
 
     try:
         with _Liveness(store, job_id, interval=store.heartbeat_interval) as live:
-            model, data = scratch / "model", scratch / f"dataset{data_suffix(job.get('dataset_name'))}"
-            model = store.fetch_inputs(job_id, model, data)
+            if job.get("dataset_id"):  # a registered dataset: read in place from the cache, never copied here
+                data = store.local_dataset(job["dataset_id"])
+                model = store.fetch_inputs(job_id, scratch / "model", None)
+            else:
+                data = scratch / f"dataset{data_suffix(job.get('dataset_name'))}"
+                model = store.fetch_inputs(job_id, scratch / "model", data)
             spec = parse_spec(job["spec"])
             out = scratch / "result"
             report = _run_pipeline(model, spec, data, out, scratch, progress, live, store, job_id, device)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from api import counters
+from api.datasets.repository import DatasetRepository
 from api.db import init_db, make_engine
 from api.jobs.repository import JobRepository
 from api.settings import Settings, get_settings
@@ -50,7 +51,7 @@ class JobStore:
         if job is None:
             return None
         return {"id": job.id, "spec": job.spec, "attempts": job.attempts, "model_name": job.model_name,
-                "dataset_name": job.dataset_name}
+                "dataset_name": job.dataset_name, "dataset_id": job.dataset_id}
 
     def heartbeat(self, job_id: str) -> None:
         self.repo.heartbeat(job_id)
@@ -66,10 +67,12 @@ class JobStore:
                error: dict[str, Any] | None = None) -> None:
         self.repo.finish_job(job_id, status, summary=summary, error=error)
 
-    def fetch_inputs(self, job_id: str, model: Path, dataset: Path) -> Path:
-        """Copy the uploads to local files; returns the model's path: the file, or a folder of the files a
+    def fetch_inputs(self, job_id: str, model: Path, dataset: Path | None) -> Path:
+        """Copy the uploads to local files (the data only when it came with the job: a registered dataset is read
+        from the cache, :meth:`local_dataset`); returns the model's path: the file, or a folder of the files a
         model came as (an ONNX model and its external data), under their uploaded names, checked again."""
-        self.artifacts.get_to_file(job_id, "dataset", dataset)
+        if dataset is not None:
+            self.artifacts.get_to_file(job_id, "dataset", dataset)
         if not self.artifacts.exists(job_id, MODEL_FILES):
             return self.artifacts.get_to_file(job_id, "model", model)
         with self.artifacts.open_read(job_id, MODEL_FILES) as f:
@@ -81,6 +84,16 @@ class JobStore:
                 raise SlimError(f"model file {part['name']!r} cannot be stored: {bad}")
             self.artifacts.get_to_file(job_id, part["artifact"], model / part["name"])
         return model
+
+    def local_dataset(self, dataset_id: str) -> Path:
+        """The registered dataset as a local file or folder in this machine's cache, copied there once."""
+        from .datasets import local_copy
+
+        ds = DatasetRepository(self.repo.sessions).get(dataset_id)
+        if ds is None:
+            raise SlimError(f"dataset {dataset_id} no longer exists (it was deleted after this job was submitted)",
+                            kind="dataset-gone")
+        return local_copy(ds, self.artifacts)
 
     def save_outputs(self, job_id: str, result: Path, report: bytes) -> None:
         self.artifacts.put_file(job_id, "result", result)

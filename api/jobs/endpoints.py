@@ -42,7 +42,9 @@ _SUBMIT_BODY = {
         "content": {"multipart/form-data": {
             "schema": {
                 "type": "object",
-                "required": ["model", "spec", "dataset"],
+                "required": ["model", "spec"],
+                # the data: a file, or a registered dataset's id, never both (a 422 otherwise)
+                "oneOf": [{"required": ["dataset"]}, {"required": ["dataset_id"]}],
                 # the parser refuses any other part with a 422 (``api.uploads``)
                 "additionalProperties": False,
                 "properties": {
@@ -56,7 +58,10 @@ _SUBMIT_BODY = {
                                              ".zip/.tar.gz bundle of them"},
                     "spec": {"$ref": "#/components/schemas/JobSpec"},
                     "dataset": {"type": "string", "format": "binary", "minLength": 1,
-                                "description": ".npz, or an ImageFolder .zip / .tar.gz"},
+                                "description": ".npz, or an ImageFolder .zip / .tar.gz; or send dataset_id instead"},
+                    "dataset_id": {"type": "string", "pattern": "^[0-9a-f]{32}$",
+                                   "description": "instead of a dataset file: the id of a dataset you registered "
+                                                  "(POST /datasets); none of yours is a 422 unknown-dataset"},
                     "callback_url": {"type": "string", "format": "uri", "maxLength": 2048,
                                      "description": "optional: every status change is POSTed here, signed the "
                                                     "Standard Webhooks way (GET /webhooks/secret); only hosts the "

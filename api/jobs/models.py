@@ -23,6 +23,7 @@ class Job(Base):
         UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),
         Index("ix_jobs_owner_created", "owner", "created_at", "id"),
         Index("ix_jobs_status", "status"),
+        Index("ix_jobs_dataset_id", "dataset_id"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
@@ -38,6 +39,9 @@ class Job(Base):
     dataset_sha256: Mapped[str] = mapped_column(String(64))
     model_name: Mapped[str] = mapped_column(String(255), default="")
     dataset_name: Mapped[str] = mapped_column(String(255), default="")
+    #: A registered dataset (``POST /datasets``) instead of an uploaded file; nullable, so older databases get
+    #: it added in place (``api.db.add_missing_columns``).
+    dataset_id: Mapped[str | None] = mapped_column(String(32), default=None)
     idempotency_key: Mapped[str | None] = mapped_column(String(255), default=None)
     request_hash: Mapped[str] = mapped_column(String(64))
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -19,7 +19,7 @@ from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..db import session_factory_from_settings, utcnow
+from ..db import newest_first, session_factory_from_settings, utcnow
 from ..problems import problem
 from ..settings import Settings
 from ..webhooks.outbox import emit, subscribe
@@ -200,12 +200,8 @@ class JobRepository:
             query = query.where(Job.owner == owner)
         if statuses:
             query = query.where(Job.status.in_(list(statuses)))
-        if before is not None:
-            t, i = before
-            query = query.where(or_(Job.created_at < t, and_(Job.created_at == t, Job.id < i)))
-        query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
         with self.sessions() as s:
-            return list(s.scalars(query))
+            return list(s.scalars(newest_first(query, Job, limit, before)))
 
     def request_cancel(self, id: str) -> str:
         """Cancel: ``canceled`` (was queued, now final), ``requested`` (running; the worker stops it) or

@@ -40,6 +40,8 @@ class JobRecord(BaseModel):
     dataset_sha256: str
     model_name: str = Field(description="the uploaded model's file name, for display only")
     dataset_name: str = Field(description="the uploaded data's file name, for display only")
+    dataset_id: str | None = Field(None, description="the registered dataset the job reads (POST /datasets), "
+                                                     "or null when the data was uploaded with the job")
     spec: dict[str, Any] = Field(description="the JobSpec with every default filled in")
 
     @classmethod
@@ -49,7 +51,7 @@ class JobRecord(BaseModel):
             metrics=job.metrics or {}, error=job.error, created_at=job.created_at, updated_at=job.updated_at,
             summary=job.summary, attempts=job.attempts, cancel_requested=job.cancel_requested,
             model_sha256=job.model_sha256, dataset_sha256=job.dataset_sha256, model_name=job.model_name,
-            dataset_name=job.dataset_name, spec=job.spec,
+            dataset_name=job.dataset_name, dataset_id=job.dataset_id, spec=job.spec,
         )
 
 

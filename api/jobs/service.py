@@ -26,6 +26,8 @@ from slimcore.onnx_refs import name_problem  # stdlib only
 from slimcore.plots import PLOTS  # torch-free, like slimcore.spec
 from slimcore.spec import JobSpec, format_validation_error
 
+from ..datasets.models import Dataset
+from ..datasets.repository import DatasetRepository
 from ..db import utcnow
 from ..problems import ProblemError
 from ..queue import enqueue
@@ -104,6 +106,7 @@ def parse_statuses(raw: str | None) -> list[str] | None:
 class JobService:
     def __init__(self, settings: Settings, repo: JobRepository, store: ArtifactStore, celery: Celery) -> None:
         self.settings, self.repo, self.store, self.celery = settings, repo, store, celery
+        self.datasets = DatasetRepository(repo.sessions)
         self._redispatcher = Redispatcher(settings, repo, celery)  # one: it remembers the previous pass
 
     # -- submit ------------------------------------------------------------------------------------
@@ -116,20 +119,23 @@ class JobService:
         specs: list[JobSpec] = []
 
         callbacks: list[str] = []
+        datasets: list[Dataset] = []
 
         def on_text(name: str, text: str) -> None:
             if name == "spec":  # checked as soon as it arrives, so a bad spec stops the upload early
                 specs.append(validate_spec(text))
             elif name == "callback_url":  # likewise a URL this service may not call
                 callbacks.append(check_url(text, self.settings.webhook_allowed_hosts))
+            elif name == "dataset_id":  # and a dataset the caller cannot use
+                datasets.append(self.registered_dataset(owner, text))
 
         plan = FormPlan(files={"model": "model", "dataset": "dataset"},
-                        texts={"spec": SPEC_LIMIT, "callback_url": 4 * MAX_URL},  # longer than MAX_URL: a 422
+                        texts={"spec": SPEC_LIMIT, "callback_url": 4 * MAX_URL, "dataset_id": 1024},
                         file_limit=self.settings.max_upload_bytes, repeat={"model": ("model-files", MAX_MODEL_FILES)})
         keep = False
         try:
             form = await receive_form(request, self.store, job_id, plan, on_text)
-            job = self._new_job(job_id, owner, idempotency_key, form, specs)
+            job = self._new_job(job_id, owner, idempotency_key, form, specs, datasets)
             if len(form.all_files("model")) > 1:  # before the row: a worker must never miss the manifest
                 manifest = [{"name": f.filename, "artifact": f.artifact} for f in form.all_files("model")]
                 await run_in_threadpool(self.store.put_stream, job_id, MODEL_FILES, [json.dumps(manifest).encode()])
@@ -140,22 +146,43 @@ class JobService:
             if not keep:
                 await run_in_threadpool(self.store.delete_job, job_id)
 
+    def registered_dataset(self, owner: str | None, dataset_id: str) -> Dataset:
+        """The caller's dataset named by a job's ``dataset_id``: a 422 when it is none of theirs (the request is
+        at fault, not its URL, hence not 404; another owner's dataset is indistinguishable from none)."""
+        ds = self.datasets.get_owned(dataset_id, owner) if JOB_ID.match(dataset_id) else None
+        if ds is None:
+            raise ProblemError(422, "unknown-dataset", f"dataset_id {dataset_id[:64]!r} names none of your datasets "
+                               "(GET /datasets lists them; POST /datasets registers one)", fields=["dataset_id"])
+        return ds
+
     def _new_job(self, job_id: str, owner: str | None, key: str | None, form: ReceivedForm,
-                 specs: list[JobSpec]) -> Job:
-        missing = [f for f in ("model", "spec", "dataset") if f not in form.files and f not in form.texts]
+                 specs: list[JobSpec], datasets: list[Dataset]) -> Job:
+        if "dataset" in form.files and datasets:
+            raise ProblemError(422, "invalid-form", "give the data either as a dataset file or as a dataset_id of a "
+                               "registered dataset, not both", fields=["dataset", "dataset_id"])
+        missing = [f for f in ("model", "spec") if f not in form.files and f not in form.texts]
+        if "dataset" not in form.files and not datasets:
+            missing.append("dataset")
         if missing:
-            raise ProblemError(422, "invalid-form", f"missing form field(s): {', '.join(missing)}", fields=missing)
+            raise ProblemError(422, "invalid-form", f"missing form field(s): {', '.join(missing)}"
+                               + (" (or dataset_id, a registered dataset)" if "dataset" in missing else ""),
+                               fields=missing)
         for name in ("model", "dataset"):
-            if form.files[name].size == 0:
+            if name in form.files and form.files[name].size == 0:
                 raise ProblemError(422, "empty-upload", f"{name} is empty", fields=[name])
-        spec, model, data = specs[0], model_of(form.all_files("model")), form.files["dataset"]
+        spec, model = specs[0], model_of(form.all_files("model"))
+        if datasets:
+            data_sha, data_name, data_id = datasets[0].sha256, datasets[0].filename, datasets[0].id
+        else:
+            data = form.files["dataset"]
+            data_sha, data_name, data_id = data.sha256, data.filename or "dataset", None
         now = utcnow()
         return Job(created_at=now, updated_at=now,
             id=job_id, owner=owner or "", status=QUEUED, progress=0.0, metrics={}, attempts=0,
             cancel_requested=False, spec=spec.model_dump(mode="json"),
-            model_sha256=model.sha256, dataset_sha256=data.sha256,
-            model_name=model.filename or "model", dataset_name=data.filename or "dataset",
-            idempotency_key=key, request_hash=request_hash(spec, model.sha256, data.sha256),
+            model_sha256=model.sha256, dataset_sha256=data_sha, model_name=model.filename or "model",
+            dataset_name=data_name, dataset_id=data_id,
+            idempotency_key=key, request_hash=request_hash(spec, model.sha256, data_sha),
         )
 
     def _replay(self, job: Job) -> tuple[Job, bool]:
