@@ -24,7 +24,10 @@ commands:
   submit MODEL --spec SPEC.json --data DATA [--wait] [-o OUT]       submit a job to a running service (an ONNX
          [--callback-url URL]                                       model's external data files go with it;
                                                                     status changes POSTed to URL, signed)
+  submit MODEL --spec SPEC.json --dataset-id ID [...]               the same with a registered dataset
   status ID | cancel ID | download ID [-o OUT]                      one job on a running service
+  datasets add FILE_OR_URL [--name NAME] | ls | show ID | rm ID     register (upload once, or a URL the service
+                                                                    may read), list, show, delete datasets
 """
 
 
@@ -92,7 +95,8 @@ def _submit(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="slim submit")
     ap.add_argument("model")
     ap.add_argument("--spec", required=True)
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", help="the data file, sent with the job")
+    ap.add_argument("--dataset-id", help="instead of --data: a dataset registered with `slim datasets add`")
     ap.add_argument("--wait", action="store_true",
                     help="follow the job's progress until it ends, print a summary, download the result")
     ap.add_argument("-o", "--output", help="where to download the slimmed model (implies --wait; default: the "
@@ -103,13 +107,17 @@ def _submit(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     from .progress import ProgressView, summary_table
 
+    if (args.data is None) == (args.dataset_id is None):
+        print("slim: error: give the data as --data FILE or --dataset-id ID (one of the two)", file=sys.stderr)
+        return 2
     for p in (args.model, args.data, args.spec):
-        if not Path(p).is_file():
+        if p is not None and not Path(p).is_file():
             print(f"slim: error: file not found: {p}", file=sys.stderr)
             return 2
 
     def body(c: Any) -> int:
-        job = c.submit(Path(args.model), Path(args.spec), Path(args.data), callback_url=args.callback_url)
+        job = c.submit(Path(args.model), Path(args.spec), Path(args.data) if args.data else None,
+                       dataset_id=args.dataset_id, callback_url=args.callback_url)
         print(f"job {job['id']} {job['status']}", file=sys.stderr)
         if not (args.wait or args.output):
             print(json.dumps(job))
@@ -155,6 +163,46 @@ def _job_command(cmd: str, argv: list[str]) -> int:
     return _with_client(args, body)
 
 
+def _datasets(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="slim datasets")
+    sub = ap.add_subparsers(dest="action", required=True)
+    add = sub.add_parser("add", help="register a local file (uploaded once) or a URL the service may read")
+    add.add_argument("source", metavar="FILE_OR_URL")
+    add.add_argument("--name", help="a name for people (default: the file name)")
+    sub.add_parser("ls", help="your datasets, newest first")
+    for action in ("show", "rm"):
+        sub.add_parser(action).add_argument("dataset_id")
+    for p in sub.choices.values():
+        _server_options(p)
+    args = ap.parse_args(argv)
+    if args.action == "add" and "://" not in args.source and not Path(args.source).is_file():
+        print(f"slim: error: {args.source} is neither a file nor a URL (scheme://…)", file=sys.stderr)
+        return 2
+
+    def body(c: Any) -> int:
+        if args.action == "add":
+            is_url = "://" in args.source
+            ds = c.add_dataset(None if is_url else Path(args.source), url=args.source if is_url else None,
+                               name=args.name)
+            print(f"dataset {ds['id']} ({ds['kind']}, {ds['bytes']} bytes)", file=sys.stderr)
+            print(json.dumps(ds))
+        elif args.action == "ls":
+            found = c.datasets()
+            if not found:
+                print("no datasets yet: slim datasets add FILE_OR_URL", file=sys.stderr)
+            for ds in found:
+                print(f"{ds['id']}  {ds['kind']:6}  {ds['bytes']:>14}  {ds['jobs_active']:>3} active  "
+                      f"{ds['created_at'][:19]}  {ds['url'] or ds['name']}")
+        elif args.action == "show":
+            print(json.dumps(c.dataset(args.dataset_id), indent=2))
+        else:
+            c.delete_dataset(args.dataset_id)
+            print(f"deleted dataset {args.dataset_id}", file=sys.stderr)
+        return 0
+
+    return _with_client(args, body)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -171,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         return _submit(rest)
     if cmd in ("status", "cancel", "download"):
         return _job_command(cmd, rest)
+    if cmd == "datasets":
+        return _datasets(rest)
     print(f"slim: error: unknown command {cmd!r}\n{USAGE}", file=sys.stderr, end="")
     return 2
 

@@ -88,16 +88,55 @@ class SlimClient:
             raise SlimAPIError(r.status_code, prob)
         return r
 
-    def submit(self, model: Path, spec: dict[str, Any] | str | Path, data: Path, *,
-               idempotency_key: str | None = None, callback_url: str | None = None) -> dict[str, Any]:
+    def submit(self, model: Path, spec: dict[str, Any] | str | Path, data: Path | None = None, *,
+               dataset_id: str | None = None, idempotency_key: str | None = None,
+               callback_url: str | None = None) -> dict[str, Any]:
+        """Submit a job; the data is a file sent along (``data``) or a registered dataset (``dataset_id``)."""
+        if (data is None) == (dataset_id is None):
+            raise ValueError("give the data as a file (data) or as a registered dataset (dataset_id): one of the two")
         text = Path(spec).read_text() if isinstance(spec, Path) else spec if isinstance(spec, str) else json.dumps(spec)
         key = idempotency_key or uuid.uuid4().hex
+        parts = [*(("model", p) for p in model_files(Path(model))), *([("dataset", Path(data))] if data else [])]
         with ExitStack() as stack:
             files = [(field, (p.name, stack.enter_context(open(p, "rb")), "application/octet-stream"))
-                     for field, p in [*(("model", p) for p in model_files(Path(model))), ("dataset", Path(data))]]
-            form = {"spec": text, **({"callback_url": callback_url} if callback_url else {})}
+                     for field, p in parts]
+            form = {"spec": text, **({"callback_url": callback_url} if callback_url else {}),
+                    **({"dataset_id": dataset_id} if dataset_id else {})}
             r = self._request("POST", "/jobs", data=form, files=files, headers={"Idempotency-Key": key})
         return r.json()
+
+    def add_dataset(self, path: Path | str | None = None, *, url: str | None = None,
+                    name: str | None = None) -> dict[str, Any]:
+        """Register a dataset once: a local file (uploaded, streamed) or a URL the service's operator allows.
+        Registering the same content again returns the same record, so a retried call is harmless."""
+        if (path is None) == (url is None):
+            raise ValueError("give a file (path) or a URL (url) to register: one of the two")
+        extra = {"name": name} if name else {}
+        if url is not None:
+            return self._request("POST", "/datasets", json={"url": url, **extra}).json()
+        src = Path(path or "")
+        with open(src, "rb") as f:
+            files = [("dataset", (src.name, f, "application/octet-stream"))]
+            return self._request("POST", "/datasets", data=extra, files=files).json()
+
+    def datasets(self) -> list[dict[str, Any]]:
+        """Every dataset you registered, newest first."""
+        items: list[dict[str, Any]] = []
+        cursor = None
+        while True:
+            page = self._request("GET", "/datasets", params={"limit": 100, **({"cursor": cursor} if cursor else {})})
+            body = page.json()
+            items += body["items"]
+            cursor = body["next"]
+            if not cursor:
+                return items
+
+    def dataset(self, dataset_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/datasets/{dataset_id}").json()
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Delete it (a SlimAPIError with status 409 while a queued or running job uses it)."""
+        self._request("DELETE", f"/datasets/{dataset_id}")
 
     def get(self, job_id: str) -> dict[str, Any]:
         return self._request("GET", f"/jobs/{job_id}").json()

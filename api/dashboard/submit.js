@@ -105,18 +105,20 @@ function showErrors(field, errors) {
 async function submitJob(ev) {
   ev.preventDefault();
   const form = $("submit");
-  const model = form.elements.model.files[0], data = form.elements.dataset.files[0];
+  const model = form.elements.model.files[0], datasetId = form.elements.dataset_id.value;
+  const data = datasetId ? null : form.elements.dataset.files[0];
   const specText = form.elements.spec.value, callback = form.elements.callback_url.value.trim();
   showErrors("model", model ? [] : [{ path: "", message: "choose the model file" }]);
-  showErrors("dataset", data ? [] : [{ path: "", message: "choose the data file" }]);
+  showErrors("dataset", data || datasetId ? [] : [{ path: "", message: "choose the data file or a registered dataset" }]);
   const specErrors = await validateSpec(specText);
   showErrors("spec", specErrors);
   $("submit-status").textContent = "";
-  if (!model || !data || specErrors.length) return;
+  if (!model || !(data || datasetId) || specErrors.length) return;
   const body = new FormData();
   body.append("model", model, model.name);
   body.append("spec", specText);
-  body.append("dataset", data, data.name);
+  if (datasetId) body.append("dataset_id", datasetId);
+  else body.append("dataset", data, data.name);
   if (callback) body.append("callback_url", callback);
   $("submit-status").textContent = "uploading…";
   const r = await fetch("/jobs", { method: "POST", body, headers: headers() });
@@ -124,7 +126,8 @@ async function submitJob(ev) {
   const answer = await r.json();
   if (!r.ok) {  // the server's problem, next to the field it names
     const field = (answer.fields && answer.fields[0]) || "spec";
-    showErrors(["model", "dataset", "callback_url"].includes(field) ? field : "spec",
+    const shown = field === "dataset_id" ? "dataset" : field;
+    showErrors(["model", "dataset", "callback_url"].includes(shown) ? shown : "spec",
                [{ path: "", message: answer.detail || answer.title }]);
     $("submit-status").textContent = "refused (" + r.status + ")";
     return;
@@ -191,7 +194,22 @@ async function compare() {
   $("compare").hidden = false;
 }
 
+// The data select: "a file" first, then the caller's registered datasets (GET /datasets), newest first.
+async function loadDatasets() {
+  const pick = $("dataset_id"), keep = pick.value;
+  const body = await (await api("/datasets?limit=100")).json();
+  const options = [pick.options[0]];
+  for (const d of body.items) {
+    options.push(el("option", { value: d.id }, `${d.name} · ${d.kind} · ${d.id.slice(0, 8)}`));
+  }
+  pick.replaceChildren(...options);
+  pick.value = body.items.some((d) => d.id === keep) ? keep : "";
+  $("dataset-file").hidden = pick.value !== "";
+}
+
 function initSubmit() {
+  $("new-job").addEventListener("toggle", () => { if ($("new-job").open) loadDatasets().catch(() => {}); });
+  $("dataset_id").addEventListener("change", () => { $("dataset-file").hidden = $("dataset_id").value !== ""; });
   $("submit").elements.spec.value = JSON.stringify(DEFAULT_SPEC, null, 2);
   $("submit").addEventListener("submit", (ev) => submitJob(ev).catch((e) => { $("submit-status").textContent = e.message; }));
   $("spec").addEventListener("input", () => validateSpec($("spec").value).then((e) => showErrors("spec", e)).catch(() => {}));
