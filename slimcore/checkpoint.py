@@ -1,9 +1,10 @@
 """Per-epoch checkpoints, so a job whose worker died resumes where it was instead of starting over.
 
-A checkpoint holds the phase, the number of finished epochs in it, the model and optimizer state, and
-what the report had gathered so far. A fine-tuning checkpoint also holds the model as it was at the end
-of sparse training: the pruned structure is rebuilt from it by re-running the (deterministic) plan, so
-no pickled graph code ever needs to be loaded back.
+A checkpoint holds the stage it was taken in (the training stages write one per epoch), the epochs finished
+there, the model and optimizer state, and every finished stage's outputs with what it added to the report
+(the format and the resume rule: ``slimcore/stages/state.py``). The pruned structure is rebuilt by applying
+the stored removal plan to the model as sparse training left it, so no pickled graph code ever needs to be
+loaded back.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ from ..spec import PruneSpec
 from .runtime import MODEL, Exporter, Runner, Runtime, Settings, Timing, clock_pair, hardware, open_runtime, resolve
 from .table import LatencyTable
 
+_TABLE = ("table", "steps", "layers")  # the report's section that the latency table writes
+
 
 class LatencyJob:
     def __init__(self, settings: Settings, runtime: Runtime, export: Exporter, example: io.Inputs) -> None:
@@ -36,6 +38,7 @@ class LatencyJob:
         self._base: Runner | None = None
         self.alignment: dict[str, Any] | None = None  # the whole-model alignment check (planner.alignment_floor)
         self.reference: nn.Module | None = None  # the original model, for timings after a resume
+        self._table_summary: dict[str, Any] = {}  # a resumed job's table section (the table is not rebuilt)
 
     @classmethod
     def open(cls, spec: PruneSpec, export_format: str, export: Exporter, example: io.Inputs,
@@ -100,12 +103,24 @@ class LatencyJob:
             out["table"] = t.stats()
             out["steps"] = {f"{public_name(s.name)}:{d}": step for s in t.sites.values() for d, step in s.steps.items()}
             out["layers"] = t.slowest()
+        else:
+            out.update(self._table_summary)
         return out
 
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the measurements so far (the runtime is opened again on resume)."""
+        out = self.report()
+        return {k: out[k] for k in ("stages", "target", "iterations", "alignment", *_TABLE) if k in out}
+
     def restore(self, state: dict[str, Any] | None) -> None:
-        """A resumed job's stage timings from its checkpoint (the baseline ran on the original model)."""
+        """A resumed job's measurements from its checkpoint: stage timings (the baseline ran on the original
+        model), the closed loop's tries and the table's section; the plan they served is restored by pruning."""
         if state:
             self.stages.update(state.get("stages", {}))
+            self.target = state.get("target", self.target)
+            self.iterations = list(state.get("iterations", self.iterations))
+            self.alignment = state.get("alignment", self.alignment)
+            self._table_summary = {k: state[k] for k in _TABLE if k in state}
 
 
 def check_faster(job: LatencyJob, strict: bool) -> str | None:

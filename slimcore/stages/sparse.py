@@ -1,0 +1,66 @@
+"""``sparse_training``: γ pushed toward zero, from the pilot's warm start when there is one, steered by the
+strength controller when the spec asks for it. A checkpoint per epoch (:func:`.state.train`) lets an
+interrupted run continue from its last finished epoch, the controller's state included.
+
+Its outputs are its end state (the model, the controller's record, where it stopped early, the method as it
+ended: a controller moves the strength), so a job interrupted later skips it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..control import Steered, make_controller
+from ..report import gamma_snapshot
+from ..strength import back_to_pilot_if_wrecked, plateau_stop
+from .state import STAGES, JobState, Resume, Stage, cpu_state, train
+
+
+@STAGES.register("sparse_training")
+class SparseTraining(Stage):
+    def run(self, job: JobState, resume: Resume | None) -> None:
+        model, spec, method, pilot, warm = job.model, job.spec, job.method, job.pilot, job.warm
+        if spec.sparse_training.epochs > 0:
+            method.prepare(model)  # e.g. receding's bounded BN; checkpoints hold the prepared form
+        start = None
+        if resume is not None:
+            model.load_state_dict(resume.model)
+        elif warm is not None:  # the chosen pilot is this run's beginning
+            model.load_state_dict(warm["model"])
+            start = (warm["epoch"], warm["optimizer"])
+            if warm["sparsity"] >= pilot["stop_at"]:
+                start = (spec.sparse_training.epochs, warm["optimizer"])
+                job.early.update(epoch=warm["epoch"], why=f"{warm['sparsity']:.0%} of channels near zero after the "
+                                                          f"pilot's {warm['epoch']} epochs, the target")
+        ctl, job.control = make_controller(model, method, spec, job.data, job.gs, job.example, device=job.dev,
+                                           teacher=job.teacher, state=resume.extra.get("control") if resume else None,
+                                           start_epoch=resume.epoch if resume else 0)
+        job.say("sparse_training", 0.0, {})
+        train(job, "sparse_training", spec.sparse_training, method if ctl is None else Steered(method, ctl), resume,
+              start=start, stop=plateau_stop(method, job.gs, job.early, pilot) if ctl is None else None,
+              extra=lambda: {"control": ctl.state()} if ctl is not None else {})
+        if ctl is not None:
+            job.control = ctl.record()
+        back = back_to_pilot_if_wrecked(model, job.data, warm, pilot, job.dev)  # None without a warm start
+        if back is not None:
+            job.rb.warn(back)
+            job.early.update(epoch=warm["epoch"] if warm else None, why=back)
+        job.warm = None  # the pilot's model and optimizer copies are no longer needed: free them before pruning
+        if pilot["used"]:
+            pilot["sparsity_reached"] = round(method.sparsity(job.gs, pilot["sparsity_threshold"]), 4)
+        if spec.sparse_training.epochs > 0:
+            method.finalize(model)  # plain BatchNorms again, |γ| = importance
+        job.rb.method.update(method.describe())  # the strength as trained (a controller moves it)
+        job.measure("sparse", runtime=False)
+        job.sparse_state = cpu_state(model)
+        job.gamma1 = gamma_snapshot(job.bns)
+
+    def outputs(self, job: JobState) -> dict[str, Any]:
+        return {"model": job.sparse_state, "control": job.control, "early": job.early, "method": job.rb.method}
+
+    def restore(self, job: JobState, outputs: dict[str, Any]) -> None:
+        job.sparse_state = outputs["model"]
+        job.model.load_state_dict(job.sparse_state)
+        job.control, job.early = outputs["control"], outputs["early"]
+        job.rb.method.update(outputs["method"])
+        job.gamma1 = gamma_snapshot(job.bns)
