@@ -30,7 +30,7 @@ from api.db import init_db, make_engine
 from api.jobs.models import Job
 from api.settings import Settings, SettingsError, normalize_database_url
 from tests.conftest import run_slim
-from tests.service_harness import Service, fresh_postgres_db, need_server, wait_for
+from tests.service_harness import Service, free_port, fresh_postgres_db, need_server, wait_for
 from tests.test_api_db import database_url  # noqa: F401  (the fixture)
 from tests.test_service_e2e import QUICK, ts_model  # noqa: F401  (the fixture)
 
@@ -333,6 +333,46 @@ def test_the_command_line_registers_lists_submits_and_deletes(env: Env, ts_model
     r = run_slim("datasets", "rm", ds["id"], *opts)
     assert r.returncode == 0, r.stderr
     assert ds["id"] not in run_slim("datasets", "ls", *opts).stdout
+
+
+def test_an_s3_prefix_runs_a_job_through_s3fs(tmp_path: Path, ts_model, digits):  # noqa: F811
+    """The same over S3 (moto's server on loopback, s3fs as the operator installs it): a prefix allows one file
+    and refuses a key beside it, a job reads the object through the cache, a changed object is a new dataset."""
+    pytest.importorskip("s3fs", reason="s3fs is not installed (an optional dev extra: pip install s3fs)")
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is not installed (an optional dev extra)")
+    import s3fs
+
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+             "AWS_ENDPOINT_URL": endpoint}
+    svc = Service(tmp_path, {**creds, "SLIM_DATASET_URL_PREFIXES": "s3://slim-data/sets/",
+                             "SLIM_CACHE_DIR": str(tmp_path / "cache")}, embedded=True)
+    try:
+        bucket = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=endpoint)
+        bucket.mkdir("slim-data")
+        bucket.put(str(digits), "slim-data/sets/digits.npz")
+        bucket.put(str(digits), "slim-data/private/digits.npz")
+        svc.start_api()
+        with SlimClient(svc.url) as c:
+            ds = c.add_dataset(url="s3://slim-data/sets/digits.npz")
+            assert (ds["kind"], ds["files"], ds["bytes"]) == ("url", 1, digits.stat().st_size)
+            folder = c.add_dataset(url="s3://slim-data/sets/")
+            assert folder["files"] == 1 and folder["sha256"] != ds["sha256"]
+            with pytest.raises(SlimAPIError) as e:
+                c.add_dataset(url="s3://slim-data/private/digits.npz")
+            assert e.value.status == 422 and e.value.problem["type"].endswith("dataset-url-not-allowed")
+            job = c.wait(c.submit(ts_model, QUICK, dataset_id=ds["id"])["id"], poll=0.3, timeout=600)
+            assert job["status"] == "succeeded", (job, svc.logs())
+            cached = tmp_path / "cache" / "datasets" / ds["sha256"] / "digits.npz"
+            assert cached.read_bytes() == digits.read_bytes()
+            bucket.pipe("slim-data/sets/digits.npz", digits.read_bytes()[:-1] + b"!")  # same size, new ETag
+            assert c.add_dataset(url="s3://slim-data/sets/digits.npz")["id"] != ds["id"]
+    finally:
+        svc.close()
+        server.stop()
 
 
 def test_policy_normalises_and_compares_whole_segments(tmp_path: Path):
