@@ -64,8 +64,12 @@ class Import(Stage):
             job.imported = imported = import_model(job.model_path, spec, job.workdir)
         job.model = imported.module
         job.say("importing", 0.4, {"step": "reading the data"})
+        def checked(done: int, total: int) -> None:  # the streaming check pass of a large data set
+            job.say("importing", 0.4 + 0.35 * done / max(total, 1), {"step": "checking the data", "checked": done,
+                                                                     "of": total})
+
         job.data = data = load_dataset(job.data_path, task=spec.task, input_shape=imported.input_shapes,
-                                       seed=spec.seed, workdir=job.workdir, options=spec.data)
+                                       seed=spec.seed, workdir=job.workdir, options=spec.data, progress=checked)
         job.example = io.apply(io.rows(data.x_train, slice(0, 2)), torch.clone)
         check_fit(job.model, data, spec, imported)
         job.out_fmt = imported.fmt if spec.export.format == "same" else spec.export.format
