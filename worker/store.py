@@ -20,6 +20,8 @@ from api.storage import MODEL_FILES, ArtifactStore
 from slimcore.errors import SlimError
 from slimcore.onnx_refs import name_problem
 
+from .datasets import local_copy
+
 CHECKPOINT = "checkpoints/state"
 EXTENSIONS = {"torchscript": ".pt", "pt2": ".pt2", "onnx": ".onnx"}
 
@@ -87,8 +89,6 @@ class JobStore:
 
     def local_dataset(self, dataset_id: str) -> Path:
         """The registered dataset as a local file or folder in this machine's cache, copied there once."""
-        from .datasets import local_copy
-
         ds = DatasetRepository(self.repo.sessions).get(dataset_id)
         if ds is None:
             raise SlimError(f"dataset {dataset_id} no longer exists (it was deleted after this job was submitted)",
