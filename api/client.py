@@ -111,13 +111,13 @@ class SlimClient:
         Registering the same content again returns the same record, so a retried call is harmless."""
         if (path is None) == (url is None):
             raise ValueError("give a file (path) or a URL (url) to register: one of the two")
-        extra = {"name": name} if name else {}
+        params = {"name": name} if name else {}
         if url is not None:
-            return self._request("POST", "/datasets", json={"url": url, **extra}).json()
+            return self._request("POST", "/datasets", json={"url": url}, params=params).json()
         src = Path(path or "")
         with open(src, "rb") as f:
             files = [("dataset", (src.name, f, "application/octet-stream"))]
-            return self._request("POST", "/datasets", data=extra, files=files).json()
+            return self._request("POST", "/datasets", params=params, files=files).json()
 
     def datasets(self) -> list[dict[str, Any]]:
         """Every dataset you registered, newest first."""

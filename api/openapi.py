@@ -13,8 +13,8 @@ from .jobs.models import STATUSES
 from .settings import Settings
 
 _STATUS = "|".join(STATUSES)
-#: What ``parse_statuses`` accepts: empty, or statuses joined by commas.
-STATUS_PATTERN = f"^(({_STATUS})(,({_STATUS}))*)?$"
+#: What ``parse_statuses`` accepts: blank, or statuses joined by commas, spaces around them allowed.
+STATUS_PATTERN = f"^ *(({_STATUS}) *(, *({_STATUS}) *)*)?$"
 
 
 def make_truthful(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:

@@ -138,6 +138,9 @@ def test_the_same_bytes_twice_are_one_dataset_and_one_stored_copy(env: Env, tmp_
     def post(name: str) -> httpx.Response:
         return httpx.post(f"{env.url}/datasets", headers=auth, files={"dataset": (name, data.read_bytes())})
 
+    r = httpx.post(f"{env.url}/datasets", headers=auth, params={"name": "bad\x01name"},
+                   files={"dataset": ("blob.npz", data.read_bytes())})
+    assert _problem(r, 422, "invalid-request")["errors"][0]["field"] == "query.name"
     first, again = post("blob.npz"), post("renamed.npz")
     assert first.status_code == again.status_code == 201, (first.text, again.text)
     assert "deduplicated" not in first.headers and again.headers["deduplicated"] == "true"

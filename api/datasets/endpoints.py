@@ -15,7 +15,7 @@ from ..jobs.endpoints import problems
 from ..jobs.service import CURSOR_PATTERN
 from ..problems import ProblemError
 from .policy import MAX_URL
-from .service import NAME_MAX, DatasetList, DatasetRecord, DatasetService, URLRegistration
+from .service import NAME_MAX, NAME_PATTERN, DatasetList, DatasetRecord, DatasetService, URLRegistration
 
 JSON_LIMIT = 64 * 1024
 
@@ -36,8 +36,6 @@ def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
     return out
 
 
-_NAME = {"type": "string", "minLength": 1, "maxLength": NAME_MAX,
-         "description": "optional, for people (default: the file name, or the URL's last segment)"}
 _REGISTER_BODY = {
     "requestBody": {
         "required": True,
@@ -46,15 +44,16 @@ _REGISTER_BODY = {
                 "type": "object", "required": ["dataset"], "additionalProperties": False,
                 "properties": {"dataset": {"type": "string", "format": "binary", "minLength": 1,
                                            "description": ".npz, or an ImageFolder / WebDataset .zip, .tar, "
-                                                          ".tar.gz"},
-                               "name": _NAME}}},
+                                                          ".tar.gz (name it with ?name=)"}}}},
             "application/json": {"schema": {
                 "type": "object", "required": ["url"], "additionalProperties": False,
                 "properties": {"url": {"type": "string", "minLength": 1, "maxLength": MAX_URL,
                                        "description": "an fsspec URL (s3://…, gs://…, file:///…) of one file or a "
                                                       "folder, under a prefix the operator allows "
                                                       "(SLIM_DATASET_URL_PREFIXES), else a 422"},
-                               "name": {"anyOf": [_NAME, {"type": "null"}]}}}},
+                               "name": {"anyOf": [{"type": "string", "minLength": 1, "maxLength": NAME_MAX,
+                                                   "pattern": NAME_PATTERN}, {"type": "null"}],
+                                        "description": "optional, for people, as ?name= (not both)"}}}},
         },
     }
 }
@@ -72,16 +71,24 @@ router = APIRouter(prefix="/datasets", tags=["datasets"], responses=problems(401
     responses={**_CREATED, **_problems(400, 413, 415, 422)},
     summary="Register a dataset once, then submit jobs with its id",
     description="`multipart/form-data` with a `dataset` file (streamed to storage), or JSON `{\"url\": …}` for "
-                "data already on a filesystem the operator allows. The same content registered again by the same "
-                "owner returns the existing record (201 with `Deduplicated: true`).",
+                "data already on a filesystem the operator allows; `?name=` names it for people. The same content "
+                "registered again by the same owner returns the existing record (201 with `Deduplicated: true`).",
 )
-async def register_dataset(request: Request, owner: Owner, service: Service) -> JSONResponse:
+async def register_dataset(
+    request: Request, owner: Owner, service: Service,
+    name: Annotated[str | None, Query(min_length=1, max_length=NAME_MAX, pattern=NAME_PATTERN,
+                                      description="optional, for people (default: the file name, or the URL's "
+                                                  "last segment); no control characters")] = None,
+) -> JSONResponse:
     kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if kind == "multipart/form-data":
-        ds, existed = await service.register_upload(request, owner)
+        ds, existed = await service.register_upload(request, owner, name)
     elif kind == "application/json":
         body = await _json_body(request)
-        ds, existed = await run_in_threadpool(service.register_url, owner, body.url, body.name)
+        if name is not None and body.name is not None and name != body.name:
+            raise ProblemError(422, "invalid-request", "the name is given twice (?name= and in the body), "
+                               "differently; give it once", fields=["name"])
+        ds, existed = await run_in_threadpool(service.register_url, owner, body.url, body.name or name)
     else:
         raise ProblemError(415, "unsupported-media-type", "send multipart/form-data with a dataset file, or "
                            "application/json {\"url\": …}")

@@ -94,9 +94,11 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 def parse_statuses(raw: str | None) -> list[str] | None:
-    if not raw:
+    """Statuses joined by commas, spaces around them allowed (``STATUS_PATTERN``, what OpenAPI says); blank: all.
+    Only spaces are stripped: another character, a control one included, or an empty item is a 422."""
+    if raw is None or not raw.strip(" "):
         return None
-    wanted = [s.strip() for s in raw.split(",") if s.strip()]
+    wanted = [s.strip(" ") for s in raw.split(",")]
     bad = [s for s in wanted if s not in STATUSES]
     if bad:
         raise ProblemError(422, "invalid-request", f"status {bad[0]!r} is not one of {', '.join(STATUSES)}")
