@@ -297,8 +297,6 @@ def test_a_folder_url_is_mirrored_into_the_cache_and_trains(env: Env, ts_model, 
         mirror = env.cache / ds["sha256"] / "digits-images"
         assert sorted(p.relative_to(mirror).as_posix() for p in mirror.rglob("*") if p.is_file()) == files
         assert all((mirror / f).read_bytes() == (tree / f).read_bytes() for f in files)
-        if job["status"] == "failed" and "not a file" in (job["error"] or {}).get("detail", ""):
-            pytest.xfail("slimcore.data.load_dataset does not read ImageFolder directories yet (another change)")
         assert job["status"] == "succeeded", (job, env.svc.logs())
         c.delete_dataset(ds["id"])
 
