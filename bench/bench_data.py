@@ -10,9 +10,10 @@ throughput: one epoch of batches of 32×32 PNGs with the same transforms (random
 flip → float) and the same workers, images/s of each and their ratio (goal ≥ 0.9). rss: in a fresh process
 per size, register the folder, run the check pass, one training epoch and one evaluation pass; peak RSS of
 the training process and of its largest loader worker (goal: growth < 200 MB from the smallest to the
-largest). augment: a generated shapes set (four flip-invariant shapes at random places on noise), a CNN
-trained on 4,000 of them, then slim jobs given only ``--train`` (240) images, one with ``augment: none``
-and one with ``standard``: accuracy after fine-tuning on 2,000 held-out images.
+largest). augment: 32×32 patches of scikit-learn's two sample photos, labelled by region (8 classes:
+natural images whose label survives crops and flips), a CNN trained on 4,000 of them, then slim jobs
+given only ``--train`` (240) patches, one with ``augment: none`` and one with ``standard``: accuracy
+after fine-tuning on 2,000 held-out patches.
 """
 
 from __future__ import annotations
@@ -128,41 +129,47 @@ def augment(args: argparse.Namespace) -> None:
 
     rng = np.random.default_rng(0)
 
-    def shapes(n: int) -> tuple[np.ndarray, np.ndarray]:
-        """Four shapes (disc, square, cross, ring) at random places and sizes, on noise: crops and flips
-        keep the class, so augmentation can only help."""
-        x = rng.normal(0.3, 0.15, (n, 1, 32, 32)).astype(np.float32)
-        y = rng.integers(0, 4, n)
-        yy, xx = np.mgrid[:32, :32]
+    from sklearn.datasets import load_sample_images
+
+    photos = [torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in load_sample_images().images]
+
+    def patches(n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Which of 8 regions (2 photos × 4 quadrants, scikit-learn's sample images) a 32×32 patch comes from,
+        cut at a random place and scale: natural images whose label survives crops and flips."""
+        x = np.empty((n, 3, 32, 32), np.float32)
+        y = rng.integers(0, 8, n)
         for i in range(n):
-            cy, cx, r = rng.integers(6, 26), rng.integers(6, 26), rng.integers(3, 7)
-            d = np.hypot(yy - cy, xx - cx)
-            m = [d < r, (abs(yy - cy) < r) & (abs(xx - cx) < r),
-                 ((abs(yy - cy) < 2) | (abs(xx - cx) < 2)) & (d < r + 2), (d < r) & (d > r - 2.5)][y[i]]
-            x[i, 0][m] += 0.6
-        return np.clip(x, 0, 1), y
+            photo = photos[y[i] // 4]
+            q = y[i] % 4
+            h, w = photo.shape[1] // 2, photo.shape[2] // 2
+            side = int(rng.integers(32, 97))
+            top = q // 2 * h + int(rng.integers(0, h - side))
+            left = q % 2 * w + int(rng.integers(0, w - side))
+            crop = photo[:, top:top + side, left:left + side][None]
+            x[i] = torch.nn.functional.interpolate(crop, size=(32, 32), mode="bilinear", antialias=True)[0].numpy()
+        return x, y
 
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        x, y = shapes(args.train)  # the job's few training images
-        xv, yv = shapes(2000)
+        x, y = patches(args.train)  # the job's few training images
+        xv, yv = patches(2000)
         np.savez(d / "shapes.npz", x=x, y=y, x_val=xv, y_val=yv)
         torch.manual_seed(0)
-        model = SmallCNN(1, 4, 16)
+        model = SmallCNN(3, 8, 16)
         model.features.append(nn.AdaptiveAvgPool2d(4))
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        xb, yb = shapes(4000)  # the original was trained on more data than the slimming job gets
+        xb, yb = patches(4000)  # the original was trained on more data than the slimming job gets
         xt, yt = torch.from_numpy(xb), torch.from_numpy(yb)
         for _ in range(15):
             for i in range(0, len(xt), 64):
                 opt.zero_grad()
                 nn.functional.cross_entropy(model(xt[i:i + 64]), yt[i:i + 64]).backward()
                 opt.step()
-        path = save_model(model.eval(), "pt2", d / "m.pt2", torch.zeros(1, 1, 32, 32))
+        path = save_model(model.eval(), "pt2", d / "m.pt2", torch.zeros(1, 3, 32, 32))
         rows = {}
         for kind in ("none", "standard"):
             spec = parse_spec(json.dumps({
-                "input_shape": [1, 1, 32, 32], "method": {"name": "l1", "strength": 1e-3},
+                "input_shape": [1, 3, 32, 32], "method": {"name": "l1", "strength": 1e-3},
                 "sparse_training": {"epochs": args.epochs, "batch_size": 64, "lr": 0.02},
                 "prune": {"target": "channels", "amount": 0.5},
                 "finetune": {"epochs": args.epochs, "batch_size": 64, "lr": 0.005},

@@ -237,6 +237,44 @@ def test_dashboard_submits_validates_and_compares_in_chromium(svc, submitted, tm
     assert new not in before
 
 
+def test_dashboard_submits_on_a_registered_dataset_in_chromium(svc, submitted, tmp_path, digits_cnn, digits):
+    """The New job form's data choice: a dataset registered once (here with the client, as a pipeline
+    would) is offered in the select; choosing it hides the file input and the job runs on it, sending no
+    data bytes."""
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM, "chromium is required under CI"
+    with SlimClient(svc.url, KEY) as c:
+        ds = c.add_dataset(path=digits)
+    model = save_model(digits_cnn, "script", tmp_path / "on-dataset.pt", torch.zeros(1, 1, 8, 8))
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser, page, errors = _open(pw, 1000)
+        sent: list[str] = []
+        page.on("request", lambda r: sent.append(r.url) if r.method == "POST" else None)
+        page.goto(svc.url + "/")
+        page.wait_for_selector("#keybox", state="visible")
+        page.fill("#key", KEY)
+        page.click("#save")
+        page.click("#new-job summary")
+        page.wait_for_selector(f'#dataset_id option[value="{ds["id"]}"]', state="attached", timeout=15_000)
+        page.select_option("#dataset_id", ds["id"])
+        assert page.is_hidden("#dataset-file")
+        page.set_input_files("#model", str(model))
+        page.fill("#spec", json.dumps({**SPEC, "sparse_training": {"epochs": 2, "lr": 0.02, "batch_size": 16},
+                                       "finetune": {"epochs": 1, "batch_size": 16}}))
+        page.click("#send")
+        page.wait_for_selector("#submit-status[data-job]", state="attached", timeout=30_000)
+        new = page.eval_on_selector("#submit-status", "s => s.dataset.job")
+        page.wait_for_selector(f'tr[data-id="{new}"].succeeded', timeout=300_000)
+        page.screenshot(path=str(ARTIFACTS / "dashboard-registered-dataset.png"), full_page=True)
+        browser.close()
+    assert errors == []
+    assert len(sent) == 1  # one POST /jobs
+    with SlimClient(svc.url, KEY) as c:  # the service refuses a dataset_id beside a file (422): none was sent
+        assert c.get(new)["dataset_id"] == ds["id"]
+
+
 def test_client_commands_fail_in_one_line(svc, submitted, tmp_path):
     from tests.service_harness import free_port
 
