@@ -234,3 +234,15 @@ def test_service_job_streams_an_uploaded_zip(tmp_path, digit_tree, digits_cnn):
             assert report["data"]["train"] == 1400 and report["stages"]["finetuned"]["accuracy"] > 0.9
     finally:
         svc.close()
+
+
+def test_zip_read_in_place_refuses_links_and_escapes(tmp_path):
+    import zipfile
+
+    link = zipfile.ZipInfo("train/a/x.png")
+    link.external_attr = (0o120777 << 16)  # a symlink entry
+    for name, info in (("link.zip", link), ("escape.zip", zipfile.ZipInfo("../train/a/x.png"))):
+        with zipfile.ZipFile(tmp_path / name, "w") as zf:
+            zf.writestr(info, b"/etc/passwd")
+        with pytest.raises(SlimError, match="link or special file|escapes"):
+            load_dataset(tmp_path / name, task="classification", input_shape=(1, 1, 8, 8))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import struct
 import tarfile
 import tempfile
@@ -108,6 +109,10 @@ class ZipStore(Store):
                 if info.is_dir():
                     continue
                 _split_name(info.filename)  # refuses absolute and escaping names, as extraction would
+                mode = info.external_attr >> 16
+                if stat.S_ISLNK(mode) or (stat.S_IFMT(mode) and not stat.S_ISREG(mode)):
+                    raise SlimError(f"archive member {info.filename!r} is a link or special file; "
+                                    "data archives may hold plain files and folders only")
                 if info.flag_bits & 0x1:
                     raise SlimError(f"archive member {info.filename!r} is encrypted; upload an unencrypted archive")
                 if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
