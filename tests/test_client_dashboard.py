@@ -133,6 +133,14 @@ def _open(pw, height: int) -> tuple:
     return browser, page, errors
 
 
+def _sign_in(page, url: str) -> None:
+    """Load the dashboard and enter the key once: the first 401 asks for it."""
+    page.goto(url + "/")
+    page.wait_for_selector("#keybox", state="visible")
+    page.fill("#key", KEY)
+    page.click("#save")
+
+
 def test_dashboard_and_report_in_chromium(svc, submitted):
     """Open the dashboard, enter the key once, see the finished job, open its report: the images load and
     the numbers on the page are the JSON report's."""
@@ -145,10 +153,7 @@ def test_dashboard_and_report_in_chromium(svc, submitted):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
         browser, page, errors = _open(pw, 800)
-        page.goto(svc.url + "/")
-        page.wait_for_selector("#keybox", state="visible")  # the first 401 asks for the key
-        page.fill("#key", KEY)
-        page.click("#save")
+        _sign_in(page, svc.url)
         row = page.wait_for_selector(f'tr[data-id="{job_id}"].succeeded', timeout=15_000)
         assert "digits.pt" in row.inner_text() and "100%" in row.inner_text()
         page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
@@ -189,10 +194,7 @@ def test_dashboard_submits_validates_and_compares_in_chromium(svc, submitted, tm
         browser, page, errors = _open(pw, 1000)
         posts: list[str] = []
         page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
-        page.goto(svc.url + "/")
-        page.wait_for_selector("#keybox", state="visible")
-        page.fill("#key", KEY)
-        page.click("#save")
+        _sign_in(page, svc.url)
         page.wait_for_selector(f'tr[data-id="{first}"].succeeded', timeout=15_000)
         page.click("#new-job summary")
         page.set_input_files("#model", str(model))
@@ -252,10 +254,7 @@ def test_dashboard_submits_on_a_registered_dataset_in_chromium(svc, submitted, t
         browser, page, errors = _open(pw, 1000)
         sent: list[str] = []
         page.on("request", lambda r: sent.append(r.url) if r.method == "POST" else None)
-        page.goto(svc.url + "/")
-        page.wait_for_selector("#keybox", state="visible")
-        page.fill("#key", KEY)
-        page.click("#save")
+        _sign_in(page, svc.url)
         page.click("#new-job summary")
         page.wait_for_selector(f'#dataset_id option[value="{ds["id"]}"]', state="attached", timeout=15_000)
         page.select_option("#dataset_id", ds["id"])

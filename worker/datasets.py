@@ -27,13 +27,12 @@ from api.datasets.listing import DatasetUnreadable, Listing, list_url
 from api.datasets.models import UPLOAD, Dataset, file_name
 from api.datasets.policy import DatasetURLError
 from api.storage import CHUNK, ArtifactStore
+from slimcore.cache import cache_root as slim_cache
 from slimcore.errors import SlimError
 
 
 def cache_root() -> Path:
-    base = os.environ.get("SLIM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "slim")
-    return Path(base) / "datasets"
+    return slim_cache() / "datasets"
 
 
 def local_copy(ds: Dataset, artifacts: ArtifactStore, root: Path | None = None) -> Path:

@@ -21,12 +21,12 @@ import torch
 
 from .. import io
 from ..archive import MAX_BYTES_ENV, default_max_bytes
+from ..cache import cache_root
 from ..errors import SlimError
 from .core import Dataset, finish, split
 from .folders import in_memory_limit
 from .prep import ArrayPrep
 from .samples import ArraySamples
-from .stores import cache_root
 
 # --- npz ----------------------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ random erasing). The random-resized-crop keeps 25–100% of the area: the ImageN
 from __future__ import annotations
 
 import io as _io
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -70,16 +71,17 @@ class ImagePrep:
         self.erase = T.RandomErasing(p=0.25) if getattr(options, "augment", "none") == "strong" else None
         self.norm = Normalise(options, self.c)
 
-    def decode(self, data: bytes, name: str) -> Image.Image:
+    def decode(self, data: bytes, name: Callable[[], str]) -> Image.Image:
+        """``name`` is called only to word an error: building it for every sample would cost the loader."""
         try:
             with Image.open(_io.BytesIO(data)) as im:
                 target = (self.w, self.h) if self.resize is None else (self.resize, self.resize)
                 im.draft(self.mode, target)  # JPEG: decode at reduced scale when the target is much smaller
                 return _eight_bit(im).convert(self.mode)
         except UNREADABLE as err:
-            raise SlimError(f"could not read image {name!r} ({err}); re-save it or remove it") from None
+            raise SlimError(f"could not read image {name()!r} ({err}); re-save it or remove it") from None
 
-    def __call__(self, data: bytes, name: str, *, train: bool) -> torch.Tensor:
+    def __call__(self, data: bytes, name: Callable[[], str], *, train: bool) -> torch.Tensor:
         im = self.decode(data, name)
         augment = train and self.augment is not None
         if self.resize is None:

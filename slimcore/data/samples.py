@@ -68,7 +68,7 @@ class ImageSamples(Samples):
         return self.store.names[int(self.positions[i])][self.strip:]
 
     def sample(self, i: int, *, train: bool) -> torch.Tensor:
-        return self.prep(self.store.read(int(self.positions[i])), self.name(i), train=train)
+        return self.prep(self.store.read(int(self.positions[i])), lambda: self.name(i), train=train)
 
 
 class ArraySamples(Samples):

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from ..archive import _split_name, safe_extract
+from ..cache import cache_root
 from ..errors import SlimError
 
 MAX_MEMBER_BYTES = 256 * 1024**2
-CACHE_ENV = "SLIM_CACHE_DIR"
 
 
 class Names:
@@ -170,10 +170,6 @@ class TarStore(Store):
         if size > MAX_MEMBER_BYTES:
             raise SlimError(f"{self.names[i]!r} is {size} bytes, over the {MAX_MEMBER_BYTES}-byte limit for one sample")
         return self._file.read(offset, size)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "slim")
 
 
 def file_digest(path: Path) -> str:

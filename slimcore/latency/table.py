@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .. import io
+from ..cache import cache_root
 from ..groups import CONV_TYPES, GroupSet, public_name
 from .runtime import Runtime, hardware
 
@@ -44,9 +45,7 @@ CURVE = (0.125, 0.25, 0.5, 0.75)
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("SLIM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "slim")
-    return Path(base) / "latency"
+    return cache_root() / "latency"
 
 
 class ProbeCache:
