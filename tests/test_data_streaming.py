@@ -157,6 +157,8 @@ def test_normalisation_and_its_errors(digits):
                      options=DataSpec(mean=[0.5, 0.5, 0.5], std=[1, 1, 1]))
     with pytest.raises(ValueError, match="go together"):
         DataSpec(mean=[0.5])
+    with pytest.raises(SlimError, match="data.resize applies to image files"):
+        load_dataset(digits, task="classification", input_shape=(1, 1, 8, 8), options=DataSpec(resize=16))
 
 
 SPEC = {"input_shape": [1, 1, 8, 8], "method": {"name": "l1", "strength": 3e-3},

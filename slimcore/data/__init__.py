@@ -92,6 +92,10 @@ def _looks_like_shard(store: TarStore) -> bool:
 def _arrays(ds: Dataset, options: Any, workers: int) -> Dataset:
     """npz data as uploaded unless the spec asks for normalisation or augmentation: normalisation is done
     once in memory; augmentation makes the training part lazy so each epoch sees new crops."""
+    sized = [f for f in ("resize", "crop") if getattr(options, f, None) is not None]
+    if sized:  # silently training on arrays the spec asked to resize would be a wrong result
+        raise SlimError(f"data.{sized[0]} applies to image files; .npz arrays are used at their own size "
+                        f"(resize them before saving, or upload the images)")
     augment = getattr(options, "augment", "none") != "none"
     normalise = getattr(options, "mean", None) is not None
     if not (augment or normalise):
