@@ -112,7 +112,9 @@ def test_latency_target_on_an_onnx_upload_reaches_its_measured_ratio(tmp_path, m
     default): the job's closed loop reaches the ratio within 5%, and the written file, timed here
     independently, is faster by a margin that survives a loaded machine."""
     src = _onnx(model, tmp_path / "model.onnx")
-    r, report = _run(tmp_path, src, {"target": "latency", "amount": 0.5})
+    # one thread: the suite runs two test processes on two cores, and onnxruntime's spinning pool over both
+    # cores timed the finished model 1.00x the original in one CI run (bench/ measures alone, every core)
+    r, report = _run(tmp_path, src, {"target": "latency", "amount": 0.5, "latency": {"threads": 1}})
     assert r.returncode == 0, r.stderr[-2000:]
     lat = report["latency"]
     assert lat["runtime"] == "onnxruntime" and lat["batch_size"] == 1 and lat["threads"] >= 1
