@@ -131,7 +131,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="digits,cancer")
     ap.add_argument("--methods", default="l1,group_lasso,ista,receding,polarization")
-    ap.add_argument("--searches", default="pilot,control")
+    ap.add_argument("--searches", default="pilot,control",
+                    help="pilot, control, given (the strength the control row of the same method and target "
+                         "ended at, given in the spec: the same job with a strength given; run after control)")
     ap.add_argument("--targets", default="c50,c70,p90")
     ap.add_argument("--sparse", type=int, default=10)
     ap.add_argument("--finetune", type=int, default=5)
@@ -148,10 +150,17 @@ def main() -> None:
             npz, path, eager = prepare(model_name, d)
             bs = 32 if model_name == "cancer" else 64
             bare = bare_seconds(eager, npz, args.sparse + args.finetune, bs)
+            found_strength: dict[tuple[str, str], float] = {}
+            control_seconds: dict[tuple[str, str], float] = {}
             for method in args.methods.split(","):
                 for search in args.searches.split(","):
                     for tkey in args.targets.split(","):
-                        spec = {"method": {"name": method, "search": search},
+                        how: dict = {"search": search}
+                        if search == "given":
+                            if (method, tkey) not in found_strength:
+                                continue
+                            how = {"strength": found_strength[method, tkey]}
+                        spec = {"method": {"name": method, **how},
                                 "sparse_training": {"epochs": args.sparse, "batch_size": bs},
                                 "prune": TARGETS[tkey], "finetune": {"epochs": args.finetune, "batch_size": bs}}
                         t0 = time.perf_counter()
@@ -164,11 +173,15 @@ def main() -> None:
                         st = r["stages"]
                         found = r["strength_control"] if search == "control" else r["pilot"]
                         near = found.get("near_zero_reached", found.get("sparsity_reached"))
+                        if search == "control":
+                            found_strength[method, tkey] = found["final_strength"]
+                            control_seconds[method, tkey] = secs
+                        vs_given = f" (÷ given {control_seconds[method, tkey] / secs:.2f})" if search == "given" else ""
                         print(f"| {model_name} | {method} | {search} | {tkey} | {st['baseline']['accuracy']:.3f} "
                               f"| {st['pruned']['accuracy']:.3f} | {st['finetuned']['accuracy']:.3f} "
                               f"| {1 - st['finetuned']['params'] / st['baseline']['params']:.1%} "
                               f"| {1 - st['finetuned']['flops'] / st['baseline']['flops']:.1%} "
-                              f"| {'–' if near is None else f'{near:.0%}'} | {secs / bare:.2f} |", flush=True)
+                              f"| {'–' if near is None else f'{near:.0%}'} | {secs / bare:.2f}{vs_given} |", flush=True)
             if args.peer and model_name == "digits":
                 for amount in (0.5, 0.7):
                     p = tp_peer(eager, npz, amount, args.sparse, args.finetune)

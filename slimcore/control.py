@@ -21,7 +21,9 @@ How (details on :class:`StrengthController`):
   distillation error). One reading worse than at the start by more than ``DAMAGE`` holds the strength
   (on a 119-sample split one reading is often noise, and SGD restarting on a trained model dips); two
   in a row halve it, cap it for the rest of the run at ``CEILING`` × the strength of the last sound
-  reading (what lay between was untested), and block raises until a reading is sound again. For L1 on γ
+  reading (what lay between was untested), and block raises until a reading is sound again. A sound
+  reading at the ceiling while the ramp still lags lifts it by ``LIFT``: a ceiling set by one early
+  overshoot otherwise froze ISTA at 28% near zero for the rest of the run (digits CNN). For L1 on γ
   this guard is what stops the strength: its penalty shrinks whole layers, so the relative share moves
   late.
 - ISTA spares each group's strongest channel from its shrink (``Ista.spare_strongest``): the proximal
@@ -46,6 +48,7 @@ STEP = 0.3  # the most a check raises the strength by (×1.3), when far behind
 BACKOFF = 0.5
 GROWTH = 4.0
 CEILING = 0.8  # after damage the strength never again exceeds this share of the last one known to be safe
+LIFT = 1.25  # a sound reading at the ceiling during the ramp lifts it by this much
 CHECKS = 100
 EVALS = 20
 CAP = 1e4  # the strength never exceeds this multiple of its first value (the method's default)
@@ -184,6 +187,8 @@ class StrengthController:
                 row["action"] = "suspect: hold"
             if not bad:
                 self.safe, self.episode = self.strength, False
+                if self.step < self.ramp_steps and self.strength >= 0.99 * self.ceiling:
+                    self.ceiling *= LIFT  # sound at the ceiling, still in the ramp: probe above it again
         ramp = self.step < self.ramp_steps
         if confirmed:
             if not self.episode:  # later bad readings of the same episode are the network still recovering
@@ -205,6 +210,8 @@ class StrengthController:
             self.strength /= 1 + self.step_max / 2
             row["action"] = "lower"
         self.strength = min(self.strength, self.ceiling)
+        if self.ceiling < CAP * self.first:
+            row["ceiling"] = float(f"{self.ceiling:.4g}")
         row["gain"] = float(f"{self.k:.4g}")
         self.method.strength = self.strength
         self._spare()
@@ -262,8 +269,7 @@ def make_controller(model: Any, method: Method, spec: Any, data: Any, gs: Any, e
     train, how = spec.sparse_training, spec.method.strength_search()
     if how != "control":
         why = {"given": "the spec gives method.strength",
-               "pilot": "the strength pilot runs instead (method.search 'pilot', or 'auto' for any method but "
-                        "polarization)",
+               "pilot": "the strength pilot runs instead (method.search 'pilot', or 'auto' for ista and receding)",
                "none": "method.search is 'none' (or pilot_runs 0): the paper's default strength"}[how]
         return None, {"used": False, "why": why}
     if train.epochs == 0:

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from slimcore.control import CAP, CEILING, DAMAGE, GROWTH, RAMP_END, StrengthController
+from slimcore.control import CAP, CEILING, DAMAGE, GROWTH, LIFT, RAMP_END, StrengthController
 from slimcore.methods import Method
 from tests.conftest import run_slim, write_spec
 
@@ -111,8 +111,16 @@ def test_one_bad_reading_holds_two_back_off_and_set_a_ceiling():
     score["q"] = 0.9
     for _ in range(30):
         ctl.tick()
-    assert any(r.get("action") == "raise" for r in ctl.trajectory[-30:])
-    assert ctl.strength <= ceiling * (1 + 1e-3)  # never again near what did the damage
+    after = ctl.trajectory[-30:]
+    assert any(r.get("action") == "raise" for r in after)
+    # never above its ceiling; the ceiling rises only by LIFT at a sound reading taken at it, from CEILING × safe
+    assert all(r["strength"] <= r["ceiling"] * (1 + 1e-3) for r in after)
+    lifts = [b["ceiling"] / a["ceiling"] for a, b in zip(ctl.trajectory[at:], ctl.trajectory[at + 1:], strict=False)
+             if b["ceiling"] != a["ceiling"]]
+    assert ctl.trajectory[at]["ceiling"] == pytest.approx(ceiling, rel=1e-3)
+    assert all(x == pytest.approx(LIFT, rel=1e-3) for x in lifts)
+    rises = [b for a, b in zip(after, after[1:], strict=False) if b["ceiling"] > a["ceiling"]]
+    assert all(b.get("quality", 0) >= 0.9 - DAMAGE for b in rises)  # only at a sound reading
     assert ctl.trajectory[at + 1]["strength"] == pytest.approx(min(damaged[0]["strength"] / 2, ceiling), rel=1e-3)
 
 
@@ -156,12 +164,12 @@ def test_slim_run_with_search_control(tmp_path, digits, digits_cnn):
 
 
 def test_auto_search_through_slim_run(tmp_path, digits, digits_cnn):
-    """No strength and no search: polarization is steered in the run, l1 (like every other method) runs the
-    pilot, as bench_quality measured; the report says which and why."""
+    """No strength and no search: l1 (like group lasso and polarization) is steered in the run, ISTA (like
+    receding) runs the pilot, as bench_quality measured; the report says which and why."""
     from tests.zoo import save_model
 
     model = save_model(digits_cnn, "pt2", tmp_path / "m.pt2", torch.zeros(1, 1, 8, 8))
-    for name, steered in (("polarization", True), ("l1", False)):
+    for name, steered in (("l1", True), ("ista", False)):
         spec = write_spec(tmp_path / f"{name}.json", method={"name": name},
                           sparse_training={"epochs": 2, "batch_size": 64}, prune={"amount": 0.3},
                           finetune={"epochs": 1})
@@ -173,4 +181,4 @@ def test_auto_search_through_slim_run(tmp_path, digits, digits_cnn):
         ctl, pilot = report["strength_control"], report["pilot"]
         assert report["spec"]["method"]["search"] == "auto"
         assert ctl["used"] is steered and pilot["used"] is not steered
-        assert ("'auto' for polarization" in pilot["why"]) if steered else ("'auto' for any method" in ctl["why"])
+        assert ("'auto' for l1, group_lasso" in pilot["why"]) if steered else ("'auto' for ista" in ctl["why"])

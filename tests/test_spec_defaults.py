@@ -89,3 +89,18 @@ def test_slim_run_without_distillation_with_adamw_and_label_smoothing(tmp_path, 
     assert report["finetune_distillation"] is None
     assert report["spec"]["finetune"]["optimizer"] == "adamw"
     assert report["stages"]["finetuned"]["accuracy"] > 0.5
+
+
+def test_a_teacher_worse_than_the_student_is_not_distilled(tmp_path, digits):
+    """An upload trained for one epoch, sparse-trained for four: the student is better than the original
+    before anything is removed, so fine-tuning toward the original would teach a worse function."""
+    from tests.zoo import trained_digits_cnn
+
+    weak = trained_digits_cnn(digits, epochs=1)
+    report = _slim(tmp_path, digits, weak, method={"strength": 1e-4}, sparse_training={"epochs": 4, "lr": 0.05},
+                   finetune={"epochs": 1})
+    st = report["stages"]
+    assert st["sparse"]["accuracy"] > st["baseline"]["accuracy"] + 0.01, st
+    assert report["finetune_distillation"] is None
+    assert "fine-tuned on labels only" in report["finetune_distillation_skipped"]
+    assert report["spec"]["finetune"]["distill"] is True  # what was asked stays in the spec as run

@@ -72,7 +72,9 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(bool((a[g] == b[g]).all()) if a[g].shape == b[g].shape else False for g in a)
 
 
-def plan_latency(model: nn.Module, gs: GroupSet, spec: PruneSpec, reduce: str, job: LatencyJob) -> Plan:
+def plan_latency(model: nn.Module, gs: GroupSet, spec: PruneSpec, reduce: str, job: LatencyJob,
+                 within_layer: bool = False) -> Plan:
+    """``within_layer``: the ranking :func:`slimcore.prune.plan` documents."""
     table = job.table(model, gs)
     table.probe_all()
     explicit = int(spec.round_to) if spec.round_to != "auto" else 1
@@ -82,7 +84,7 @@ def plan_latency(model: nn.Module, gs: GroupSet, spec: PruneSpec, reduce: str, j
     def rounder(gid: int) -> int:
         return max(explicit, floor, table.group_step(gid))
 
-    ranked = _rank(gs, reduce, spec.min_channels)
+    ranked = _rank(gs, reduce, spec.min_channels, within_layer)
     n = ranked[0].numel()
     base = job.compare(model)[1]  # the sparse-trained model: same architecture as the original
     full = table.full()

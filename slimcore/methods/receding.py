@@ -116,6 +116,11 @@ def regularizer(w: torch.Tensor, offset: float) -> torch.Tensor:
 
 
 class Receding(Method):
+    # bounded importances on one (0, 1) scale, ranked globally in the paper; measured on the digits CNN at 50%
+    # of channels a within-layer cut kept 0.84 right after pruning (0.97 fine-tuned) where the global one
+    # kept 0.93 (0.995)
+    steered_cut_within_layer = False
+
     def __init__(self, spec: MethodSpec, ctx: MethodContext) -> None:
         residual = any(len(g.bns) > 1 for g in ctx.groups.groups)
         kappa, b = (KAPPA_RESNET, B_RESNET) if residual else (KAPPA_VGG, B_VGG)

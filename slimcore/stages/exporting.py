@@ -62,7 +62,9 @@ class Report(Stage):
         imported, kd, gs, before, lat = job.imported, job.kd, job.gs, job.before, job.latency
         rb.extra.update({
             "format": {"in": imported.fmt, "out": job.out_fmt, "external_data": job.external, "bundle": job.bundle},
-            "target": {"kind": p.target, "requested": p.requested, "achieved": round(p.achieved, 6)},
+            "target": {"kind": p.target, "requested": p.requested, "achieved": round(p.achieved, 6),
+                       "ranking": p.ranking},
+            "bn_recalibration": job.removal.get("recalibrated_bn"),
             "removed_channels": p.removed_channels,
             "output_deviation_relative": job.removal["relative"],
             "output_deviation_per_output": job.removal["per_output"], "output_error_finetuned": job.final,
@@ -83,6 +85,7 @@ class Report(Stage):
             "removal_cost": removal,
             "pilot": pilot, "strength_control": control, "latency": lat.report() if lat is not None else None,
             "finetune_distillation": kd.model_dump() if kd is not None else None,
+            "finetune_distillation_skipped": job.kd_skipped,
             "not_pruned": gs.skipped, "output_layers": gs.output_layers,
             "prunable_bn_channels": {**gs.coverage,
                                      "share": round(gs.coverage["prunable"] / max(gs.coverage["total"], 1), 4)},

@@ -15,6 +15,7 @@ import torch
 from .. import io
 from ..errors import NothingToPrune, SlimError
 from ..prune import Plan, apply, plan, removal_culprits
+from ..recalibrate import recalibrate_if_closer
 from .state import STAGES, JobState, Resume, Stage
 
 
@@ -58,6 +59,15 @@ def _prune_spec(job: JobState) -> Any:
     return prune_spec
 
 
+def _recalibrate(job: JobState) -> dict[str, Any]:
+    """``prune.recalibrate_bn``: BatchNorm statistics re-measured on the pruned network when that brings it
+    closer to the original on the held-out samples (slimcore/recalibrate.py). Leaves the model in eval mode."""
+    job.model.eval()
+    if not job.spec.prune.recalibrate_bn:
+        return {"layers": 0, "kept": False, "why": "prune.recalibrate_bn is false"}
+    return recalibrate_if_closer(job.model, job.calib, job.val, job.before)
+
+
 @STAGES.register("prune")
 class Prune(Stage):
     def run(self, job: JobState, resume: Resume | None) -> None:
@@ -68,7 +78,8 @@ class Prune(Stage):
         if float(imps.max() - imps.min()) <= 1e-12:
             raise NothingToPrune("all BatchNorm γ are equal (an untrained network?), so |γ| cannot rank channels; "
                                  "run sparse training (sparse_training.epochs > 0) or upload a trained model")
-        p = plan(model, gs, _prune_spec(job), method.reduce, job.example, latency=job.latency)
+        within = bool(job.control.get("used")) and method.steered_cut_within_layer
+        p = plan(model, gs, _prune_spec(job), method.reduce, job.example, latency=job.latency, within_layer=within)
         if p.removed_channels == 0:
             raise NothingToPrune(f"nothing to remove: no channel's importance is below the threshold "
                                  f"({spec.prune.target}={spec.prune.amount:g}); lower min_channels, raise the amount "
@@ -78,19 +89,22 @@ class Prune(Stage):
         _held_out(job)
         culprits = removal_culprits(gs, p, method.reduce)
         apply(model, gs, p.remove, job.calib)
-        model.eval()
+        recalibrated = _recalibrate(job)
         with torch.no_grad():
             after = io.call(model, job.val)
+        p.ranking = "within_layer" if within else "global"
         job.plan = p
         job.removal = {"deviation": io.max_abs_diff(after, job.before), "relative": io.rel_error(after, job.before),
-                       "per_output": per_output(after, job.before, job.imported.output_names), "culprits": culprits}
+                       "per_output": per_output(after, job.before, job.imported.output_names), "culprits": culprits,
+                       "recalibrated_bn": recalibrated}
         job.measure("pruned")
         job.say("pruning", 1.0, {"removed_channels": p.removed_channels})
 
     def outputs(self, job: JobState) -> dict[str, Any]:
         p = job.plan
         return {"plan": {"target": p.target, "requested": p.requested, "threshold": p.threshold, "remove": p.remove,
-                         "achieved": p.achieved, "warnings": p.warnings}, "removal": job.removal}
+                         "achieved": p.achieved, "warnings": p.warnings, "ranking": p.ranking},
+                "removal": job.removal}
 
     def restore(self, job: JobState, outputs: dict[str, Any]) -> None:
         _on_cpu(job)
@@ -98,4 +112,4 @@ class Prune(Stage):
         job.plan = Plan(**outputs["plan"])
         job.removal = outputs["removal"]
         apply(job.model, job.gs, job.plan.remove, job.calib)
-        job.model.eval()
+        _recalibrate(job)

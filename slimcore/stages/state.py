@@ -201,6 +201,7 @@ class JobState:
     before: Any = field(init=False)  # the original's outputs on ``val``
     removal: dict[str, Any] = field(init=False)
     kd: DistillSpec | None = field(init=False)  # finetuning
+    kd_skipped: str | None = None  # finetuning: why distillation did not run although the spec asks for it
     final: dict[str, dict[str, float]] = field(init=False)  # export
     external: bool = field(init=False)
     bundle: str | None = field(init=False)
