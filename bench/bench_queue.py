@@ -8,15 +8,19 @@ queue is long from the first second. For each heartbeat timeout it reports:
 * duplicate deliveries (``slim_deliveries_dropped_total``) and re-sends (``slim_requeues_total``) from
   ``/metrics``; goal: duplicates ≤ 1% of runs;
 * the share of worker time spent on dropped deliveries, from Celery's "succeeded in Xs" log lines;
-* total wall time against jobs × median job time ÷ workers.
+* total wall time against jobs × median job time ÷ workers;
+* the gap per job outside Celery's task time: from one task's "succeeded" line to the next task's start in
+  the same worker (its "succeeded" time less its run time): the child's exit, the fork of the next child
+  and its start (``worker.prefork``), which the ideal leaves out.
 
 Run: .venv/bin/python bench/bench_queue.py [--jobs 300] [--workers 2] [--timeouts default,15]
-Not a test: it takes jobs × (2–4 s of fork and import per job) ÷ workers per timeout.
+Not a test: it takes jobs × (median job + gap) ÷ workers per timeout, plus the workers' start.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -24,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -38,6 +43,7 @@ REDIS = "redis://127.0.0.1:6379/13"
 SPEC = {"input_shape": [1, 1, 8, 8], "sparse_training": {"epochs": 1}, "finetune": {"epochs": 0},
         "prune": {"target": "channels", "amount": 0.25}}
 TASK_LINE = re.compile(r"Task slim\.run_job\[(\w+)\] succeeded in ([\d.]+)s: '(\w+)'")
+TIMED_LINE = re.compile(r"^\[([\d-]+ [\d:]+,\d+): INFO/[^\]]*\] Task slim\.run_job\[\w+\] succeeded in ([\d.]+)s", re.M)
 METRIC = re.compile(r"^(slim_requeues_total|slim_deliveries_dropped_total)(\{[^}]*\})? ([\d.e+]+)$", re.M)
 
 
@@ -51,6 +57,13 @@ def tiny_model(path: Path) -> Path:
 def metrics(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=10).text
     return {name + (labels or ""): float(v) for name, labels, v in METRIC.findall(text)}
+
+
+def gaps(log: str) -> list[float]:
+    """Seconds from each task's end to the next task's start in one worker's log (both from Celery's lines)."""
+    ends = [(datetime.strptime(ts, "%Y-%m-%d %H:%M:%S,%f").timestamp(), float(secs))
+            for ts, secs in TIMED_LINE.findall(log)]
+    return [(end - secs) - prev_end for (prev_end, _), (end, secs) in itertools.pairwise(ends)]
 
 
 def one_mode(tmp: Path, jobs: int, workers: int, heartbeat: str | None) -> dict[str, object]:
@@ -89,9 +102,11 @@ def one_mode(tmp: Path, jobs: int, workers: int, heartbeat: str | None) -> dict[
     finally:
         svc.close()
         drop()
-    runs, dups = [], []
+    runs, dups, gap = [], [], []
     for log in tmp.glob("worker*.log"):
-        for _, secs, outcome in TASK_LINE.findall(log.read_text()):
+        text = log.read_text()
+        gap += gaps(text)
+        for _, secs, outcome in TASK_LINE.findall(text):
             (dups if outcome == "skipped" else runs).append(float(secs))
     job_s = statistics.median(runs) if runs else float("nan")
     ideal = jobs * job_s / workers
@@ -106,6 +121,8 @@ def one_mode(tmp: Path, jobs: int, workers: int, heartbeat: str | None) -> dict[
         "worker_time_on_duplicates": sum(dups) / max(1e-9, sum(dups) + sum(runs)),
         "median_job_s": round(job_s, 2), "wall_s": round(wall, 1), "ideal_s": round(ideal, 1),
         "wall_over_ideal": round(wall / ideal, 3) if runs else None,
+        "gap_per_job_s": {"median": round(statistics.median(gap), 3), "mean": round(statistics.fmean(gap), 3),
+                          "max": round(max(gap), 3)} if gap else None,
     }
 
 
