@@ -176,7 +176,10 @@ def main() -> None:
                         if search == "control":
                             found_strength[method, tkey] = found["final_strength"]
                             control_seconds[method, tkey] = secs
-                        vs_given = f" (÷ given {control_seconds[method, tkey] / secs:.2f})" if search == "given" else ""
+                        stopped = r.get("sparse_training_stopped_early_at")
+                        vs_given = (f" (÷ given {control_seconds[method, tkey] / secs:.2f}"
+                                    f"{f'; given stopped sparse training at epoch {stopped}' if stopped else ''})"
+                                    if search == "given" else "")
                         print(f"| {model_name} | {method} | {search} | {tkey} | {st['baseline']['accuracy']:.3f} "
                               f"| {st['pruned']['accuracy']:.3f} | {st['finetuned']['accuracy']:.3f} "
                               f"| {1 - st['finetuned']['params'] / st['baseline']['params']:.1%} "

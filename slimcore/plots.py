@@ -28,7 +28,9 @@ MAX_LAYERS = 48
 STAGE_ORDER = ("baseline", "sparse", "pruned", "finetuned")
 
 
-def _plt() -> Any:
+def backend() -> Any:
+    """matplotlib's pyplot on the Agg backend (no display, no GUI threads, so a process may import it and fork:
+    ``slim worker`` does, so each job's child need not)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -40,7 +42,7 @@ def _plt() -> Any:
 def _png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    _plt().close(fig)
+    backend().close(fig)
     return buf.getvalue()
 
 
@@ -49,7 +51,7 @@ def _layers(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def gamma_png(report: dict[str, Any]) -> bytes:
-    plt = _plt()
+    plt = backend()
     layers = _layers(report)
     shown = sorted(layers, key=lambda lay: -int(lay.get("channels_before") or 0))[:MAX_LAYERS]
     shown.sort(key=layers.index)
@@ -78,7 +80,7 @@ def gamma_png(report: dict[str, Any]) -> bytes:
 
 
 def channels_png(report: dict[str, Any]) -> bytes:
-    plt = _plt()
+    plt = backend()
     layers = _layers(report)
     names = [str(lay["name"]) for lay in layers]
     before = [int(lay.get("channels_before") or 0) for lay in layers]
@@ -98,7 +100,7 @@ def channels_png(report: dict[str, Any]) -> bytes:
 
 
 def stages_png(report: dict[str, Any]) -> bytes:
-    plt = _plt()
+    plt = backend()
     stages = report.get("stages") or {}
     names = [s for s in STAGE_ORDER if isinstance(stages.get(s), dict)]
     names += [s for s in stages if s not in names and isinstance(stages[s], dict)]
@@ -126,7 +128,7 @@ def stages_png(report: dict[str, Any]) -> bytes:
 def strength_png(report: dict[str, Any]) -> bytes | None:
     """The strength search, or None when the job did not search (a strength was given)."""
     ctl, pilot = report.get("strength_control") or {}, report.get("pilot") or {}
-    plt = _plt()
+    plt = backend()
     if ctl.get("used") and ctl.get("trajectory"):
         rows = ctl["trajectory"]
         t = [r["progress"] for r in rows]
@@ -168,7 +170,7 @@ def latency_png(report: dict[str, Any]) -> bytes | None:
     curves, its = lat.get("layers") or [], lat.get("iterations") or []
     if not curves and not its:
         return None
-    plt = _plt()
+    plt = backend()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 2.8))
     for row in curves:
         pts = row["points"]

@@ -49,7 +49,9 @@ def preload() -> None:
     choose CUDA)."""
     import slimcore.lift.torchscript  # noqa: F401
     import slimcore.pipeline  # noqa: F401
-    import slimcore.plots  # noqa: F401
+    import slimcore.plots
+
+    slimcore.plots.backend()  # matplotlib with the Agg backend: about 1 s per job when each child imported it
 
     from . import runner  # noqa: F401
 
