@@ -134,7 +134,7 @@ def test_latency_target_on_an_onnx_upload_reaches_its_measured_ratio(tmp_path, m
         assert 0 < st["median_ms"] <= st["p90_ms"]
     assert lat["stages"]["finetuned"]["ratio_to_baseline"] < 0.85
     assert report["target"] == {"kind": "latency", "requested": 0.5, "achieved": pytest.approx(
-        1 - lat["target"]["measured_ratio"], abs=1e-4)}
+        1 - lat["target"]["measured_ratio"], abs=1e-4), "ranking": "global"}  # a given strength: global |γ|
     assert lat["table"]["probes_measured"] > 0 and lat["layers"], "the plot's curves are recorded"
     assert (tmp_path / "out-plots" / "latency.png").read_bytes().startswith(b"\x89PNG")
     assert _ort_ratio(tmp_path / "out.onnx", src) < 0.85
