@@ -36,8 +36,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Any]) -> int:
     bns, batches = _bns(model), [b for b in batches if io.num_rows(b) >= 2]  # a batch of one has no variance
     if not bns or not batches:
         return 0
-    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()
-              if m.num_batches_tracked is not None else None) for m in bns]
+    saved = _snapshot(bns)
     model.eval()
     for m in bns:
         m.reset_running_stats()
@@ -56,6 +55,12 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[Any]) -> int:
     return len(bns)
 
 
+def _snapshot(bns: list[Any]) -> list[tuple[Any, ...]]:
+    """What :func:`_restore` puts back: momentum and the running statistics, per layer."""
+    return [(m.momentum, m.running_mean.clone(), m.running_var.clone(),
+             m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None) for m in bns]
+
+
 def _restore(bns: list[Any], saved: list[tuple[Any, ...]]) -> None:
     for m, (_, mean, var, tracked) in zip(bns, saved, strict=True):
         m.running_mean.copy_(mean)
@@ -72,8 +77,7 @@ def recalibrate_if_closer(model: nn.Module, batches: Iterable[Any], val: Any, wa
     model.eval()
     plain = _sq_error(io.call(model, val), want)
     bns = _bns(model)
-    saved = [(m.momentum, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()
-              if m.num_batches_tracked is not None else None) for m in bns]
+    saved = _snapshot(bns)
     n = recalibrate_bn(model, batches)
     if not n:
         return {"layers": 0, "kept": False, "relative_error": {"without": plain}}

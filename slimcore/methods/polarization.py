@@ -43,6 +43,7 @@ def penalty(gammas: torch.Tensor, t: float) -> torch.Tensor:
 
 class Polarization(Method):
     steered_cut_within_layer = False  # γ̄ is the whole network's mean
+
     def __init__(self, spec: MethodSpec, ctx: MethodContext) -> None:
         self.strength = spec.strength if spec.strength is not None else DEFAULT_LAMBDA
         self.t = float(spec.t)
