@@ -103,4 +103,5 @@ def test_a_teacher_worse_than_the_student_is_not_distilled(tmp_path, digits):
     assert st["sparse"]["accuracy"] > st["baseline"]["accuracy"] + 0.01, st
     assert report["finetune_distillation"] is None
     assert "fine-tuned on labels only" in report["finetune_distillation_skipped"]
+    assert any(w.startswith("distillation skipped") for w in report["warnings"])
     assert report["spec"]["finetune"]["distill"] is True  # what was asked stays in the spec as run

@@ -25,8 +25,9 @@ class Finetuning(Stage):
         job.say("finetuning", 0.0, {})
         job.kd = job.spec.finetune.distillation() if job.spec.task == "classification" else None
         job.kd_skipped = _worse_teacher(job.rb.stages) if job.kd is not None else None
-        if job.kd_skipped is not None:
+        if job.kd_skipped is not None:  # the spec asked for distillation: say loudly that it did not run
             job.kd = None
+            job.rb.warn(f"distillation skipped: {job.kd_skipped}")
         train(job, "finetuning", job.spec.finetune, None, resume, kd=job.kd)
         job.measure("finetuned")
 
