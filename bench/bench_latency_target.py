@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import tempfile
 import time
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from slimcore.export import EXPORTERS  # noqa: E402
 from slimcore.groups import build_groups  # noqa: E402
 from slimcore.latency.job import LatencyJob  # noqa: E402
-from slimcore.latency.runtime import hardware, open_runtime, resolve  # noqa: E402
+from slimcore.latency.runtime import hardware, open_runtime, ratio, resolve  # noqa: E402
 from slimcore.lift import IMPORTERS, Imported  # noqa: E402
 from slimcore.lift.bn_insert import reinsert_bn  # noqa: E402
 from slimcore.measure import count_flops  # noqa: E402
@@ -81,6 +82,10 @@ def main() -> None:
     ap.add_argument("--targets", default="0.3,0.5")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--noise", type=int, default=0,
+                    help="instead of pruning: time the original against itself N times per model, runtime and "
+                         "batch (an A/A test) and print the spread of the ratio, the machine's noise floor")
+    ap.add_argument("--details", action="store_true", help="after each row: the alignment check and the loop's tries")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     _load_plugins()
@@ -108,6 +113,14 @@ def main() -> None:
                     settings = resolve(LatencySpec(runtime=runtime, device=args.device, batch_size=batch,
                                                    threads=args.threads), "onnx" if runtime != "torch" else "pt")
                     rt = open_runtime(settings)
+                    if args.noise:
+                        job = LatencyJob(settings, rt, export, x)
+                        job.reference = base
+                        # a fresh session of the same model each time, as the loop loads each candidate afresh
+                        same = [ratio(*job.compare(job.load(copy.deepcopy(base)))) for _ in range(args.noise)]
+                        print(f"| {name} | {runtime} | {batch} | A/A x{args.noise}: ratio {min(same):.3f} to "
+                              f"{max(same):.3f}, median {sorted(same)[len(same) // 2]:.3f} |", flush=True)
+                        continue
                     f0 = count_flops(base, x[:1])
                     for target in (float(t) for t in args.targets.split(",")):
                         job = LatencyJob(settings, rt, export, x)
@@ -122,12 +135,16 @@ def main() -> None:
                             twin = pruned(base, imp, x, PruneSpec(target="flops", amount=1 - flops, round_to=rt_to),
                                           None)
                             bb, tt = job.compare(twin)
-                            ratios.append(tt.median_ms / bb.median_ms)
+                            ratios.append(ratio(bb, tt))
                         loop = job.target or {}
                         print(f"| {name} | {runtime} | {batch} | {1 - target:.2f} | {len(job.iterations)} | "
-                              f"{loop.get('measured_ratio', float('nan')):.3f} | {t.median_ms / b.median_ms:.3f} | "
+                              f"{loop.get('measured_ratio', float('nan')):.3f} | {ratio(b, t):.3f} | "
                               f"{flops:.3f} | {ratios[0]:.3f} | {ratios[1]:.3f} | {probe_s:.0f} | "
                               f"{b.median_ms:.2f} |  ({time.perf_counter() - t0:.0f} s)", flush=True)
+                        if args.details:
+                            print(json.dumps({"alignment": job.alignment, "tries": [
+                                {k: it[k] for k in ("iteration", "aim", "predicted", "measured", "removed_channels")}
+                                for it in job.iterations]}), flush=True)
 
 
 if __name__ == "__main__":

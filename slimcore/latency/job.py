@@ -16,7 +16,19 @@ from .. import io
 from ..errors import SlimError
 from ..groups import GroupSet, public_name
 from ..spec import PruneSpec
-from .runtime import MODEL, Exporter, Runner, Runtime, Settings, Timing, clock_pair, hardware, open_runtime, resolve
+from .runtime import (
+    MODEL,
+    Exporter,
+    Runner,
+    Runtime,
+    Settings,
+    Timing,
+    clock_pair,
+    hardware,
+    open_runtime,
+    ratio,
+    resolve,
+)
 from .table import LatencyTable
 
 _TABLE = ("table", "steps", "layers")  # the report's section that the latency table writes
@@ -80,7 +92,7 @@ class LatencyJob:
             self.stages[name] = t.as_dict()
             return t
         base, t = self.compare(model)
-        self.stages[name] = {**t.as_dict(), "ratio_to_baseline": round(t.median_ms / base.median_ms, 4)}
+        self.stages[name] = {**t.as_dict(), "ratio_to_baseline": round(ratio(base, t), 4)}
         return t
 
     def table(self, model: nn.Module, gs: GroupSet) -> LatencyTable:

@@ -54,11 +54,13 @@ class Timing:
     p90_ms: float
     repeats: int
     min_ms: float = 0.0
+    blocks: tuple[float, ...] = ()  # each alternating block's median, in order (see ``ratio``)
 
     @classmethod
-    def of(cls, times: list[float]) -> Timing:
+    def of(cls, times: list[float], blocks: tuple[float, ...] = ()) -> Timing:
         times = sorted(times)
-        return cls(statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))], len(times), times[0])
+        return cls(statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))], len(times), times[0],
+                   blocks)
 
     def as_dict(self) -> dict[str, Any]:
         return {"median_ms": round(self.median_ms, 4), "p90_ms": round(self.p90_ms, 4), "repeats": self.repeats}
@@ -106,6 +108,17 @@ class Runner:
 RUNTIMES: Registry[Callable[[Settings], Runtime]] = Registry("runtime")
 
 
+def ratio(base: Timing, this: Timing) -> float:
+    """``this`` ÷ ``base`` as the median of their per-block ratios when they were timed in the same alternating
+    blocks, else of their medians. A slow phase of a shared machine (seconds long: on a 2-vCPU VM the same
+    MobileNetV2 read 34 ms in one pass and 40 ms in the next) can land on one model's blocks and not the
+    other's; it skews that round's ratio, which the median over rounds drops, where it moved the pooled
+    medians of the whole timing."""
+    if len(base.blocks) == len(this.blocks) >= 3:
+        return statistics.median(t / max(b, 1e-12) for b, t in zip(base.blocks, this.blocks, strict=True))
+    return this.median_ms / max(base.median_ms, 1e-12)
+
+
 def clock(run: Callable[[], Any], budget: Budget, sync: Callable[[], None] = lambda: None) -> Timing:
     return clock_pair([Runner(run, sync)], budget)[0]
 
@@ -118,10 +131,11 @@ def clock_pair(runners: list[Runner], budget: Budget, rounds: int = 5) -> list[T
     with discarded warm-up runs for the same reason."""
     rounds = rounds if len(runners) > 1 else 1
     times: list[list[float]] = [[] for _ in runners]
+    blocks: list[list[float]] = [[] for _ in runners]
     per_block_min = max(1, budget.min_repeats // rounds)
     per_block_max = max(1, budget.max_repeats // rounds)
     for _ in range(rounds):
-        for r, ts in zip(runners, times, strict=True):
+        for r, ts, bl in zip(runners, times, blocks, strict=True):
             for _ in range(budget.warmup):
                 r.run()
             r.sync()
@@ -133,7 +147,8 @@ def clock_pair(runners: list[Runner], budget: Budget, rounds: int = 5) -> list[T
                 r.sync()
                 ts.append((time.perf_counter() - t0) * 1000)
                 n += 1
-    return [Timing.of(ts) for ts in times]
+            bl.append(statistics.median(ts[-n:]))
+    return [Timing.of(ts, tuple(bl)) for ts, bl in zip(times, blocks, strict=True)]
 
 
 def worker_cores() -> int:
