@@ -25,7 +25,7 @@ How (a documented approximation, checked after the real run):
   with enough sparsity failed too: the trajectory passes through damaged states the pilot's end did not
   have.) The report warns when the run ends short of the wanted fraction.
 
-Runs with ``method.search: "pilot"``, and with the default ``"auto"`` for ISTA and receding (bench/README.md:
+Runs with ``method.search: "pilot"``, and with the default ``"auto"`` for receding (bench/README.md:
 there the in-run controller, slimcore/control.py, which ``auto`` picks for the other methods, is not yet as
 good after fine-tuning). Skipped (the
 method's paper default is used, and the report says why) for a ``threshold`` target, whose cut is not a
@@ -117,7 +117,7 @@ def choose_strength(model: torch.nn.Module, spec: JobSpec, data: Any, example: i
     if how != "pilot":
         why = {"given": "the spec gives method.strength",
                "control": "the strength is steered within the one run (method.search 'control', or 'auto' "
-                          "for l1, group_lasso and polarization)",
+                          "for l1, group_lasso, ista and polarization)",
                "none": "method.pilot_runs is 0: the paper's default strength" if spec.method.pilot_runs == 0
                else "method.search is 'none': the paper's default strength"}[how]
         return None, {"used": False, "why": why, "strength": None}

@@ -119,6 +119,52 @@ def test_ista_shrink_hand_computed_exact_zeros_no_momentum_no_decay():
     assert opt.state[m.c1.weight]["momentum_buffer"] is not None  # everything else keeps momentum
 
 
+def test_ista_spares_the_share_each_layer_keeps():
+    """A shrink strong enough to zero every γ zeroes only what the controller does not spare: each group's
+    strongest ``floor(share × size)`` channels keep their γ, the rest go to exactly zero, in every layer."""
+    m = _model()
+    meth = _make("ista", m, example=X[:2], strength=10.0)
+    for share, kept in ((0.0, 1), (0.48, 3), (0.5, 4)):
+        with torch.no_grad():
+            for bn in (m.b1, m.b2):
+                bn.weight.copy_(torch.tensor([0.5, -0.2, 0.03, -0.01, 0.30, 0.07, -0.5, 1.0]))
+        meth.spare_strongest(share)
+        meth.after_step(100.0)  # τ = lr·ρ·λ far above every |γ|
+        for bn in (m.b1, m.b2):
+            left = bn.weight.detach().abs()
+            assert int((left > 0).sum()) == kept, (share, bn)
+            strongest = torch.tensor([0.5, 0.2, 0.03, 0.01, 0.30, 0.07, 0.5, 1.0]).topk(kept).values
+            assert torch.equal(left[left > 0].sort().values, strongest.sort().values)
+
+
+@pytest.mark.parametrize("name", ["l1", "group_lasso"])
+def test_steered_penalties_spare_the_share_each_layer_keeps(name):
+    """L1 and group lasso under the controller: the penalty's gradient is zero on each group's strongest
+    ``floor(share × size)`` channels and unchanged on the rest; without a call it reaches every γ."""
+    m = _model()
+    meth = _make(name, m, strength=0.5)
+    m.train()
+
+    def added() -> dict[str, torch.Tensor]:
+        for p in m.parameters():
+            p.grad = None
+        m(X).sum().backward()
+        before = {n: m.get_submodule(n).weight.grad.clone() for n in ("b1", "b2")}
+        meth.after_backward()
+        return {n: m.get_submodule(n).weight.grad - before[n] for n in ("b1", "b2")}
+
+    everywhere = added()
+    assert all(bool((d != 0).all()) for d in everywhere.values())
+    meth.spare_strongest(0.5)
+    spared = added()
+    for n in ("b1", "b2"):
+        strongest = m.get_submodule(n).weight.detach().abs().topk(4).indices
+        assert torch.equal(spared[n][strongest], torch.zeros(4)), n
+        rest = torch.ones(8, dtype=torch.bool)
+        rest[strongest] = False
+        assert torch.allclose(spared[n][rest], everywhere[n][rest]), n
+
+
 def test_ista_alpha_rescale_keeps_outputs_and_finalize_restores_exactly():
     m = _model(pad=1)
     before, state = _eval(m), copy.deepcopy(m.state_dict())

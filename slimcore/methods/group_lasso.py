@@ -18,7 +18,7 @@ import torch
 
 from ..spec import MethodSpec
 from . import METHODS, Method, MethodContext
-from ._util import add_to_grads, flat_index
+from ._util import add_to_grads, flat_index, spare_masks
 
 DEFAULT_LAMBDA = 1e-4  # equals L1's default in a plain chain, where the two penalties coincide
 
@@ -30,6 +30,14 @@ class GroupLasso(Method):
         self.strength = spec.strength if spec.strength is not None else DEFAULT_LAMBDA
         self.index = flat_index(ctx.groups)
         self.gammas = [bn.weight for bn in self.index.bns]
+        self.ctx = ctx
+        self.spared: torch.Tensor | None = None  # flat over ``gammas``, 0 where the penalty is off
+
+    def spare_strongest(self, share: float = 0.0) -> None:
+        """Steered runs only: the penalty acts on the channels that are to go (``_util.spare_masks``); the
+        norm of a spared channel's group still counts its own γ, which the penalty no longer touches."""
+        masks = spare_masks(self.ctx.groups, self.index.bns, self.channel_importance(self.ctx.groups), share)
+        self.spared = torch.cat(masks) if masks else None
 
     @torch.no_grad()
     def after_backward(self) -> None:
@@ -41,6 +49,10 @@ class GroupLasso(Method):
         norm = flat.new_zeros(ix.n_channels).index_add_(0, ix.gch, v * v).sqrt_()
         inv = norm.clamp_min_(1e-12).reciprocal_()  # a zero group has v = 0: its term stays 0
         contrib = torch.zeros_like(flat).index_add_(0, ix.pos, v * inv[ix.gch])
+        if self.spared is not None:
+            if self.spared.device != flat.device:
+                self.spared = self.spared.to(flat.device)
+            contrib.mul_(self.spared)
         add_to_grads(self.gammas, contrib, ix.sizes, self.strength)
 
 

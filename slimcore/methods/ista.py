@@ -36,7 +36,7 @@ from torch import nn
 
 from ..spec import MethodSpec
 from . import METHODS, Method, MethodContext
-from ._util import eval_forward, group_bns, group_items, output_change, rescale
+from ._util import eval_forward, group_bns, group_items, output_change, rescale, spare_masks
 
 DEFAULT_RHO = 2e-3
 
@@ -110,23 +110,12 @@ class Ista(Method):
             self._on[device] = [t.to(device) for t in lam]  # type: ignore[union-attr]
         return self._on[device]
 
-    @torch.no_grad()
-    def spare_strongest(self) -> None:
-        """Turn the shrink off on each group's strongest channel (re-chosen at every call; the strength
-        controller calls it at each check). The proximal step subtracts the same τ from every |γ| of a
-        layer, so a strength near the edge zeroes whole layers at once, a cliff found on the digits CNN
-        (ρ 0.06 kept 0.98, 0.08 zeroed every channel). The planner never removes a group's last channel, so
-        sparing it changes no removable channel; it keeps every layer alive while the rest go to zero."""
-        mask = {id(bn): torch.ones(bn.weight.numel()) for bn in self.bns}
-        imp = self.channel_importance(self.ctx.groups)
-        off = 0
-        for g in self.ctx.groups.groups:
-            top = int(imp[off:off + g.size].argmax())
-            off += g.size
-            for b in g.bns:
-                if id(b.module) in mask:
-                    mask[id(b.module)][b.bn_idx.cpu()[b.root_idx.cpu() == top]] = 0.0
-        self.spared = [mask[id(bn)] for bn in self.bns]
+    def spare_strongest(self, share: float = 0.0) -> None:
+        """Turn the shrink off on each group's strongest channels (``_util.spare_masks``: the share the prune
+        target keeps, at least one; the strength controller calls it at each check). The proximal step
+        subtracts the same τ from every |γ| of a layer, so a strength near the edge zeroes whole layers at
+        once, a cliff found on the digits CNN (ρ 0.06 kept 0.98, 0.08 zeroed every channel)."""
+        self.spared = spare_masks(self.ctx.groups, self.bns, self.channel_importance(self.ctx.groups), share)
         self._on.clear()
 
     def prepare(self, model: nn.Module) -> None:

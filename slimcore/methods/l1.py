@@ -11,6 +11,7 @@ import torch
 
 from ..spec import MethodSpec
 from . import METHODS, Method, MethodContext
+from ._util import spare_masks
 
 DEFAULT_LAMBDA = 1e-4  # the paper's VGG value; ResNets used 1e-5
 
@@ -19,7 +20,18 @@ class L1(Method):
     def __init__(self, spec: MethodSpec, ctx: MethodContext) -> None:
         self.strength = spec.strength if spec.strength is not None else DEFAULT_LAMBDA
         self.reduce = "mean" if spec.group else "max"
-        self.gammas = [bn.weight for bn in ctx.bns if bn.weight is not None and bn.weight.requires_grad]
+        self.bns = [bn for bn in ctx.bns if bn.weight is not None and bn.weight.requires_grad]
+        self.gammas = [bn.weight for bn in self.bns]
+        self.ctx = ctx
+        self.spared: list[torch.Tensor] | None = None  # per γ, 0 where the penalty is off (``spare_strongest``)
+        self._on: dict[torch.device, list[torch.Tensor]] = {}
+
+    def spare_strongest(self, share: float = 0.0) -> None:
+        """Steered runs only (the controller calls it at each check): the penalty acts on the channels that are
+        to go, each layer's strongest ``share`` is spared (``_util.spare_masks``, growing regularization's
+        selective penalty). A γ in no prunable group keeps the penalty, as with a given strength."""
+        self.spared = spare_masks(self.ctx.groups, self.bns, self.channel_importance(self.ctx.groups), share)
+        self._on.clear()
 
     def after_backward(self) -> None:
         params = [g for g in self.gammas if g.grad is not None]
@@ -27,6 +39,15 @@ class L1(Method):
             return
         grads = [g.grad for g in params]
         signs = torch._foreach_sign([g.detach() for g in params])
+        if self.spared is not None:
+            dev = params[0].device
+            if dev not in self._on:
+                self._on[dev] = [m.to(dev) for m in self.spared]
+            on = self._on[dev]
+            if len(params) != len(on):  # some γ got no gradient this step
+                by_id = {id(g): m for g, m in zip(self.gammas, on, strict=True)}
+                on = [by_id[id(g)] for g in params]
+            torch._foreach_mul_(signs, on)
         torch._foreach_add_(grads, signs, alpha=self.strength)
 
 
