@@ -138,6 +138,9 @@ def main() -> None:
     ap.add_argument("--sparse", type=int, default=10)
     ap.add_argument("--finetune", type=int, default=5)
     ap.add_argument("--peer", action="store_true", help="add Torch-Pruning's BNScalePruner rows (digits only)")
+    ap.add_argument("--bare-each", action="store_true",
+                    help="time the bare loop again right before each row (the machine's speed drifts: the same "
+                         "digits job read 1.10 and 1.47 x a bare loop timed once, minutes apart)")
     ap.add_argument("--seeds", type=int, default=1,
                     help="run each row with spec seeds 0..N-1 (data order, initial strength checks) and print the "
                          "mean: on the digits' 360 held-out samples one sample is 0.28 points")
@@ -166,6 +169,8 @@ def main() -> None:
                         spec = {"method": {"name": method, **how},
                                 "sparse_training": {"epochs": args.sparse, "batch_size": bs},
                                 "prune": TARGETS[tkey], "finetune": {"epochs": args.finetune, "batch_size": bs}}
+                        if args.bare_each:
+                            bare = bare_seconds(eager, npz, args.sparse + args.finetune, bs)
                         rows, secs, failed = [], 0.0, None
                         for seed in range(args.seeds):
                             t0 = time.perf_counter()
