@@ -164,12 +164,12 @@ def test_slim_run_with_search_control(tmp_path, digits, digits_cnn):
 
 
 def test_auto_search_through_slim_run(tmp_path, digits, digits_cnn):
-    """No strength and no search: ISTA (like l1, group lasso and polarization) is steered in the run,
+    """No strength and no search: l1 and ISTA (like group lasso and polarization) are steered in the run,
     receding runs the pilot, as bench_quality measured; the report says which and why."""
     from tests.zoo import save_model
 
     model = save_model(digits_cnn, "pt2", tmp_path / "m.pt2", torch.zeros(1, 1, 8, 8))
-    for name, steered in (("ista", True), ("receding", False)):
+    for name, steered in (("l1", True), ("ista", True), ("receding", False)):
         spec = write_spec(tmp_path / f"{name}.json", method={"name": name},
                           sparse_training={"epochs": 2, "batch_size": 64}, prune={"amount": 0.3},
                           finetune={"epochs": 1})

@@ -89,10 +89,11 @@ def spare_masks(gs: GroupSet, bns: list[nn.Module], imp: torch.Tensor, share: fl
     went from 0.88 (only each layer's strongest spared) to 0.995. The choice follows the current importance,
     so a spared channel that weakens is penalised at the next call."""
     mask = {id(bn): torch.ones(bn.weight.numel()) for bn in bns}
+    imp = imp.float().cpu()  # one copy off the device, not one per group
     off = 0
     for g in gs.groups:
         n = max(1, min(g.size, int(share * g.size)))
-        top = torch.topk(imp[off:off + g.size].float().cpu(), n).indices
+        top = torch.topk(imp[off:off + g.size], n).indices
         off += g.size
         for b in g.bns:
             if id(b.module) in mask:

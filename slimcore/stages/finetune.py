@@ -6,6 +6,9 @@ split than the student already is (the sparse-trained model before removal, or t
 trained too briefly then teaches a worse function than the student has (ResNet-18 trained 4 epochs on the
 digits: 0.806 original, 0.982 right after pruning, 0.909 after fine-tuning toward the original;
 bench/README.md, issue 11).
+
+It keeps no outputs: once it is done the job only exports, which writes no checkpoint, so a job that dies
+while exporting resumes from the last fine-tuning epoch, which has nothing left to train and re-evaluates.
 """
 
 from __future__ import annotations
