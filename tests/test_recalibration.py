@@ -16,7 +16,7 @@ from slimcore.spec import PruneSpec
 from tests.conftest import run_slim
 from tests.zoo import TwoConvNet, save_model
 
-X = torch.randn(64, 2, 12, 12)
+X = torch.randn(64, 2, 12, 12, generator=torch.Generator().manual_seed(0))  # not the global RNG: import order
 
 
 def _net() -> TwoConvNet:
@@ -34,7 +34,8 @@ def test_recalibration_measures_the_network_as_it_is():
     with torch.no_grad():
         h = m.c1(X)
     assert torch.allclose(m.b1.running_mean, h.mean((0, 2, 3)), atol=1e-4)
-    assert torch.allclose(m.b1.running_var, h.var((0, 2, 3), unbiased=True), rtol=1e-3)
+    # the batches' variances averaged: the spread between the two batch means is left out (~1e-3 relative)
+    assert torch.allclose(m.b1.running_var, h.var((0, 2, 3), unbiased=True), rtol=3e-3)
     assert m.b1.momentum == 0.1  # put back: later training averages as before
     assert recalibrate_bn(m, [X[:1]]) == 0  # a batch of one has no variance: nothing changed
 

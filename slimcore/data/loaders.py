@@ -37,12 +37,14 @@ def default_workers(asked: int | None = None) -> int:
 
 
 def make_loader(x: io.Inputs, y: torch.Tensor | None, batch_size: int, *, shuffle: bool, seed: int,
-                pin_memory: bool = False) -> DataLoader:
+                pin_memory: bool = False, index: bool = False) -> DataLoader:
     """Batches for training (``shuffle=True``: lazy samples get the training augmentation) or evaluation,
     reproducible from ``seed``.
 
     Each batch is a list ``[x, y]``, or ``[x]`` when ``y`` is None (distillation), so ``batch[0]`` is always
-    the inputs: a tensor, or a tuple of tensors when ``x`` is one (several model inputs). In-memory batches
+    the inputs: a tensor, or a tuple of tensors when ``x`` is one (several model inputs); ``index=True``
+    (in-memory data only) appends the batch's row indices, by which fine-tuning looks up cached teacher
+    outputs. In-memory batches
     are sliced in one indexing operation, which is why ``loader.batch_size`` is None; use ``len(loader)``.
     With ``shuffle=True`` a trailing batch of a single sample is dropped (each epoch drops a different one),
     because BatchNorm cannot compute batch statistics from one sample and would raise mid-training.
@@ -62,6 +64,8 @@ def make_loader(x: io.Inputs, y: torch.Tensor | None, batch_size: int, *, shuffl
         dataset: Any = TensorDataset(x) if y is None else TensorDataset(x, y)
     else:
         dataset = _MultiInput(tuple(x), y)
+    if index:
+        dataset = _Indexed(dataset)
     return DataLoader(dataset, sampler=sampler, batch_size=None, pin_memory=pin_memory)
 
 
@@ -104,6 +108,19 @@ class _MultiInput(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return int(self.xs[0].shape[0])
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """A batch of another in-memory dataset with its row indices last: ``[x, (y,) indices]``."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getitem__(self, index: Any) -> list[Any]:
+        return [*self.inner[index], torch.as_tensor(index, dtype=torch.int64)]
+
+    def __len__(self) -> int:
+        return len(self.inner)
 
 
 class _Batches(Sampler[list[int]]):
