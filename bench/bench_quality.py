@@ -161,9 +161,10 @@ def main() -> None:
             npz, path, eager = prepare(model_name, d)
             bs = 32 if model_name == "cancer" else 64
             if not args.cold:
-                warm = {"method": {"name": "l1", "strength": 1e-4}, "sparse_training": {"epochs": 1, "batch_size": bs},
-                        "prune": TARGETS["c50"], "finetune": {"epochs": 1, "batch_size": bs}}
-                run_job(path, parse_spec(json.dumps(warm)), npz, d / "warm.pt2", device="cpu")
+                for how in ({"strength": 1e-4}, {"search": "control"}):  # both paths' first calls
+                    warm = {"method": {"name": "l1", **how}, "sparse_training": {"epochs": 1, "batch_size": bs},
+                            "prune": TARGETS["c50"], "finetune": {"epochs": 1, "batch_size": bs}}
+                    run_job(path, parse_spec(json.dumps(warm)), npz, d / "warm.pt2", device="cpu")
             bare = bare_seconds(eager, npz, args.sparse + args.finetune, bs)
             found_strength: dict[tuple[str, str], float] = {}
             control_ratio: dict[tuple[str, str], float] = {}  # ÷ its bare loop: the machine's speed drifts

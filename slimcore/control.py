@@ -125,10 +125,11 @@ class StrengthController:
         self.method.strength = self.strength
         self._spare()
 
-    def _spare(self) -> None:
+    def _spare(self, imp: Any = None) -> None:
+        """``imp``: the importances this check already read (no step since), so the method need not again."""
         spare = getattr(self.method, "spare_strongest", None)  # ISTA, L1, group lasso (module docstring)
         if spare is not None:
-            spare(1.0 - self.wanted if self.selective else 0.0)  # 0: each group's strongest channel only
+            spare(1.0 - self.wanted if self.selective else 0.0, imp)  # 0: each group's strongest channel only
 
     @property
     def k(self) -> float:
@@ -150,21 +151,21 @@ class StrengthController:
         top = torch.cat([part.max().expand(part.numel()) for part in imp.split(sizes)])
         return torch.where(top > 0, imp / top.clamp_min(1e-30), torch.zeros_like(imp))
 
-    def _share(self, imp: Any) -> float:
+    def _share(self, imp: Any, rel: Any = None) -> float:
         """Share of channels near zero *within their group*: under ``RELATIVE`` × the group's largest importance
         (or exactly zero). Only channels small next to their layer's strongest go without cost."""
         if not imp.numel():
             return 0.0
-        small = (self._relative(imp) < RELATIVE) | (imp == 0)
+        small = ((self._relative(imp) if rel is None else rel) < RELATIVE) | (imp == 0)
         if self.method.exact_zeros:
             small &= imp < self.threshold
         return float(small.float().mean())
 
-    def _rank_relative(self, imp: Any) -> float:
+    def _rank_relative(self, imp: Any, rel: Any = None) -> float:
         """Relative importance of the channel at the wanted rank (the one the cut must reach)."""
         import torch
 
-        rel = self._relative(imp)
+        rel = self._relative(imp) if rel is None else rel
         return float(torch.quantile(rel.float(), min(self.wanted, 1.0))) if rel.numel() else 0.0
 
     def _lr_done(self, step: int) -> float:
@@ -191,10 +192,11 @@ class StrengthController:
             return
         t = self.step / self.total
         imp = self._importance()
-        share = self._share(imp)
+        rel = self._relative(imp)
+        share = self._share(imp, rel)
         q = self.quality() if self.quality is not None and self._reading_due() else None
         goal = self.goal(t)
-        rw, plan = self._rank_relative(imp), self._plan(self.step)
+        rw, plan = self._rank_relative(imp, rel), self._plan(self.step)
         row: dict[str, Any] = {"progress": round(t, 4), "strength": float(f"{self.strength:.4g}"),
                                "near_zero": round(share, 4), "goal": round(goal, 4),
                                "wanted_rank_relative": round(rw, 4), "plan": round(plan, 4)}
@@ -237,7 +239,7 @@ class StrengthController:
             row["ceiling"] = float(f"{self.ceiling:.4g}")
         row["gain"] = float(f"{self.k:.4g}")
         self.method.strength = self.strength
-        self._spare()
+        self._spare(imp)
         self.trajectory.append(row)
 
     def state(self) -> dict[str, Any]:

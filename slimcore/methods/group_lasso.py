@@ -33,10 +33,11 @@ class GroupLasso(Method):
         self.ctx = ctx
         self.spared: torch.Tensor | None = None  # flat over ``gammas``, 0 where the penalty is off
 
-    def spare_strongest(self, share: float = 0.0) -> None:
+    def spare_strongest(self, share: float = 0.0, imp: torch.Tensor | None = None) -> None:
         """Steered runs only: the penalty acts on the channels that are to go (``_util.spare_masks``); the
         norm of a spared channel's group still counts its own γ, which the penalty no longer touches."""
-        masks = spare_masks(self.ctx.groups, self.index.bns, self.channel_importance(self.ctx.groups), share)
+        imp = imp if imp is not None else self.channel_importance(self.ctx.groups)
+        masks = spare_masks(self.ctx.groups, self.index.bns, imp, share)
         self.spared = torch.cat(masks) if masks else None
 
     @torch.no_grad()

@@ -110,12 +110,13 @@ class Ista(Method):
             self._on[device] = [t.to(device) for t in lam]  # type: ignore[union-attr]
         return self._on[device]
 
-    def spare_strongest(self, share: float = 0.0) -> None:
+    def spare_strongest(self, share: float = 0.0, imp: torch.Tensor | None = None) -> None:
         """Turn the shrink off on each group's strongest channels (``_util.spare_masks``: the share the prune
         target keeps, at least one; the strength controller calls it at each check). The proximal step
         subtracts the same τ from every |γ| of a layer, so a strength near the edge zeroes whole layers at
         once, a cliff found on the digits CNN (ρ 0.06 kept 0.98, 0.08 zeroed every channel)."""
-        self.spared = spare_masks(self.ctx.groups, self.bns, self.channel_importance(self.ctx.groups), share)
+        imp = imp if imp is not None else self.channel_importance(self.ctx.groups)
+        self.spared = spare_masks(self.ctx.groups, self.bns, imp, share)
         self._on.clear()
 
     def prepare(self, model: nn.Module) -> None:

@@ -26,11 +26,12 @@ class L1(Method):
         self.spared: list[torch.Tensor] | None = None  # per γ, 0 where the penalty is off (``spare_strongest``)
         self._on: dict[torch.device, list[torch.Tensor]] = {}
 
-    def spare_strongest(self, share: float = 0.0) -> None:
+    def spare_strongest(self, share: float = 0.0, imp: torch.Tensor | None = None) -> None:
         """Steered runs only (the controller calls it at each check): the penalty acts on the channels that are
         to go, each layer's strongest ``share`` is spared (``_util.spare_masks``, growing regularization's
         selective penalty). A γ in no prunable group keeps the penalty, as with a given strength."""
-        self.spared = spare_masks(self.ctx.groups, self.bns, self.channel_importance(self.ctx.groups), share)
+        imp = imp if imp is not None else self.channel_importance(self.ctx.groups)
+        self.spared = spare_masks(self.ctx.groups, self.bns, imp, share)
         self._on.clear()
 
     def after_backward(self) -> None:
