@@ -18,6 +18,7 @@ from torch import nn
 from slimcore.errors import SlimError
 from slimcore.groups import build_groups
 from slimcore.latency.job import LatencyJob, check_faster
+from slimcore.latency.planner import ITERATIONS
 from slimcore.latency.runtime import Settings, open_runtime
 from slimcore.latency.table import LatencyTable, _probe_module
 from slimcore.spec import LatencySpec, PruneSpec, parse_spec
@@ -135,11 +136,15 @@ def test_latency_target_on_an_onnx_upload_reaches_its_measured_ratio(tmp_path, m
     assert lat["runtime"] == "onnxruntime" and lat["batch_size"] == 1 and lat["threads"] >= 1
     assert lat["hardware"] and lat["runtime_version"].startswith("onnxruntime")
     its = lat["iterations"]
-    assert 1 <= len(its) <= 5 and all({"aim", "predicted", "measured"} <= set(i) for i in its)
-    if len(its) > 1:
-        assert its[-1]["iteration"] == "confirm"  # the kept plan timed once more, unbiased by the choice
+    assert 1 <= len(its) <= ITERATIONS + 1 and all({"aim", "predicted", "measured"} <= set(i) for i in its)
     got = lat["target"]["measured_ratio"]
-    assert got == its[-1]["measured"] or len(its) == 1 and got == its[0]["measured"]
+    plans: dict[int, list[float]] = {}
+    for it in its:
+        plans.setdefault(it["removed_channels"], []).append(it["measured"])
+    # the reported ratio is the mean of the kept plan's readings, two of them whenever more than one plan was
+    # timed (one reading near the target is often one that noise flattered)
+    kept = [v for v in plans.values() if abs(sum(v) / len(v) - got) <= 2e-4]
+    assert kept and (len(plans) == 1 or len(kept[0]) >= 2), its
     # within the 5% tolerance, or said so: never a silent miss (generous: a loaded CI machine times noisily)
     assert lat["target"]["met"] == (got <= 0.5 * 1.05)
     assert lat["target"]["met"] or any("latency target not reached" in w for w in report["warnings"])
@@ -294,3 +299,31 @@ def test_ratio_is_the_median_of_block_ratios_so_one_slow_phase_does_not_move_it(
     assert ratio(base, this) == 0.5
     assert this.median_ms / base.median_ms == 20.0 / 34.0  # the pooled medians read 0.59
     assert ratio(Timing.of([10.0]), Timing.of([5.0])) == 0.5  # no blocks: the medians
+
+
+def _fake_loop(noise: list[float]) -> tuple[int, dict[int, list[float]]]:
+    """The closed loop against a runtime whose true ratio is 1 − 0.9·k/100 (the prediction, 1 − k/100, is
+    10% off), each reading off by the next entry of ``noise`` (0 once they run out)."""
+    from slimcore.latency.planner import search
+
+    queue = list(noise)
+
+    def read(k: int, row: dict) -> float:
+        return 1 - 0.9 * k / 100 + (queue.pop(0) if queue else 0.0)
+
+    return search(0.5, 100, lambda aim: round(100 * (1 - aim)), read)
+
+
+def test_the_loop_does_not_stop_on_one_flattered_reading():
+    """The first plan (true ratio 0.55) reads 0.51 once, within 5% of 0.5: the loop times it again (0.59),
+    judges it on the mean (0.55, a miss) and goes on to a plan that is within tolerance on two readings."""
+    k, readings = _fake_loop([-0.04, +0.04])
+    assert readings[50] == pytest.approx([0.51, 0.59])
+    assert k != 50 and len(readings[k]) >= 2
+    assert abs(sum(readings[k]) / len(readings[k]) - 0.5) <= 0.025
+
+
+def test_a_plan_within_tolerance_is_read_twice_and_kept():
+    k, readings = _fake_loop([])
+    assert k == 55 and readings[55] == pytest.approx([0.505, 0.505])
+    assert len(readings) == 2  # the first plan (0.55) missed, the corrected one hit twice: no confirmation

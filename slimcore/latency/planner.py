@@ -4,14 +4,19 @@ measured error until it is within ``TOLERANCE`` (NetAdapt's measure-don't-guess,
 
 Each iteration aims the prediction at ``aim`` and finds the fewest channels (the smallest prefix of the
 ranking) whose predicted latency ratio reaches it; the measured ratio then corrects the aim
-multiplicatively (``aim *= wanted / measured``). The plan kept is the measured candidate closest to the
-target from below (or, when none got there, the fastest, with a warning). Planning never changes what
-is removed first, only how far down the ranking it goes and how counts round.
+multiplicatively (``aim *= wanted / measured``). A plan is judged on the mean of its readings, and the
+loop stops only when a plan's mean over at least two readings is within tolerance: on a 2-vCPU machine
+timing the original against itself reads 0.85–1.12, and stopping at the first reading within 5% mostly
+stopped on one that noise flattered (its confirmation then read 4–8% off). The plan kept is the one whose
+mean is closest to the target from below (or, when none got there, the fastest, with a warning), timed
+again if it has one reading only. Planning never changes what is removed first, only how far down the
+ranking it goes and how counts round.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 from torch import nn
 
@@ -107,30 +112,12 @@ def plan_latency(model: nn.Module, gs: GroupSet, spec: PruneSpec, reduce: str, j
 
     wanted = 1 - spec.amount
     floor = alignment_floor(model, gs, ranked, fewest(wanted), rounder, job)
-    aim, seen = wanted, {}
-    k = fewest(aim)
-    for i in range(ITERATIONS):
-        if k in seen:
-            break
-        seen[k] = _try(model, gs, ranked, k, rounder, job, {"iteration": i + 1, "aim": round(aim, 4),
-                                                             "predicted": round(predicted(k), 4)})
-        if abs(seen[k] - wanted) <= TOLERANCE * wanted:
-            break
-        aim = min(max(aim * wanted / seen[k], 0.01), 1.0)
-        k = _bracketed(seen, wanted)
-        if k is None:  # no reading on each side of the target yet: correct the prediction's aim
-            k = fewest(aim)
-            if k in seen:  # the prediction is flat there (per-op overhead): halve the distance instead
-                k = min(seen) // 2 if seen[min(seen)] < wanted else (max(seen) + n + 1) // 2
-        elif k in seen:  # the bracket is one channel wide: nothing between to try
-            break
-    ok = {k: r for k, r in seen.items() if r <= wanted * (1 + TOLERANCE)}
-    k = max(ok, key=lambda q: ok[q]) if ok else min(seen, key=lambda q: seen[q])
-    if len(seen) > 1:
-        # Picking the reading nearest the target among several favours one that noise flattered: the kept
-        # plan is timed once more, and that unbiased reading is the one reported and judged.
-        seen[k] = _try(model, gs, ranked, k, rounder, job, {"iteration": "confirm", "aim": None,
-                                                            "predicted": round(predicted(k), 4)})
+
+    def read(k: int, row: dict) -> float:
+        return _try(model, gs, ranked, k, rounder, job, {**row, "predicted": round(predicted(k), 4)})
+
+    k, readings = search(wanted, n, fewest, read)
+    seen = {q: _mean(r) for q, r in readings.items()}
     met = seen[k] <= wanted * (1 + TOLERANCE)
     remove = _select(gs, ranked, k, rounder)
     p = Plan("latency", spec.amount, _threshold(ranked, k), remove)
@@ -140,9 +127,52 @@ def plan_latency(model: nn.Module, gs: GroupSet, spec: PruneSpec, reduce: str, j
     if not met:
         p.warnings.append(
             f"latency target not reached on {job.settings.runtime}: asked for {wanted:.2f}x the original's latency, "
-            f"the kept plan measured {seen[k]:.2f}x after {len(seen)} tries (per-layer floors "
+            f"the kept plan measured {seen[k]:.2f}x after {sum(map(len, readings.values()))} tries (per-layer floors "
             f"min_channels={spec.min_channels}, unprunable layers and fixed costs limit it)")
     return p
+
+
+def search(wanted: float, n: int, fewest: Callable[[float], int],
+           read: Callable[[int, dict], float]) -> tuple[int, dict[int, list[float]]]:
+    """The closed loop on its own: ``fewest(aim)`` is the prediction's cut for a ratio, ``read(k, row)`` times
+    the plan removing the first ``k`` channels of the ranking. Returns the kept cut and every plan's readings
+    (the module docstring has the rules)."""
+    aim, readings = wanted, {}
+    k = fewest(aim)
+    for i in range(ITERATIONS):
+        if k in readings and not _near(readings[k], wanted):
+            break
+        readings.setdefault(k, []).append(read(k, {"iteration": i + 1, "aim": round(aim, 4)}))
+        if _near(readings[k], wanted):
+            if len(readings[k]) >= 2:
+                break
+            continue  # one reading within tolerance is often one that noise flattered: time the plan again
+        seen = {q: _mean(r) for q, r in readings.items()}
+        aim = min(max(aim * wanted / seen[k], 0.01), 1.0)
+        k = _bracketed(seen, wanted)
+        if k is None:  # no reading on each side of the target yet: correct the prediction's aim
+            k = fewest(aim)
+            if k in seen:  # the prediction is flat there (per-op overhead): halve the distance instead
+                k = min(seen) // 2 if seen[min(seen)] < wanted else (max(seen) + n + 1) // 2
+        elif k in seen:  # the bracket is one channel wide: nothing between to try
+            break
+    seen = {q: _mean(r) for q, r in readings.items()}
+    ok = {q: r for q, r in seen.items() if r <= wanted * (1 + TOLERANCE)}
+    k = max(ok, key=lambda q: ok[q]) if ok else min(seen, key=lambda q: seen[q])
+    if len(readings) > 1 and len(readings[k]) < 2:
+        # Picking the plan nearest the target among several favours one that noise flattered: the kept plan
+        # is timed once more, and the mean of its readings is the one reported and judged.
+        readings[k].append(read(k, {"iteration": "confirm", "aim": None}))
+    return k, readings
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _near(xs: list[float], wanted: float) -> bool:
+    """The plan's readings so far, averaged, within ``TOLERANCE`` of the wanted ratio."""
+    return abs(_mean(xs) - wanted) <= TOLERANCE * wanted
 
 
 def _bracketed(seen: dict[int, float], wanted: float) -> int | None:
