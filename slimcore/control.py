@@ -180,11 +180,13 @@ class StrengthController:
     def _reading_due(self) -> bool:
         """A guard reading at every ``eval_every``-th step and the last, skipped while the strength is less
         than ``RISE`` × the one of the last sound reading and none was bad: it would judge a strength much
-        like one already judged sound (each reading evaluates 256 samples; on the digits CNN the readings
-        were 10% of sparse training)."""
+        like one already judged sound (each reading evaluates ``GUARD_SAMPLES``; on the digits CNN the
+        readings were 10% of sparse training). Never skipped at the ceiling during the ramp: only a sound
+        reading there lifts it (``LIFT`` = ``RISE``, so a lifted ceiling alone would not make one due)."""
         if self.step == self.total:
             return True
-        return self.step % self.eval_every == 0 and (self.damaged or self.strength > self.safe * RISE)
+        at_ceiling = self.step < self.ramp_steps and self.strength >= 0.99 * self.ceiling
+        return self.step % self.eval_every == 0 and (self.damaged or at_ceiling or self.strength > self.safe * RISE)
 
     def tick(self) -> None:
         self.step += 1

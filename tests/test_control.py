@@ -183,3 +183,23 @@ def test_auto_search_through_slim_run(tmp_path, digits, digits_cnn):
         assert ctl["used"] is steered and pilot["used"] is not steered
         why = pilot["why"] if steered else ctl["why"]
         assert ("'auto' for l1, group_lasso, ista" if steered else "'auto' for receding") in why
+
+
+def test_the_ceiling_keeps_lifting_while_readings_are_sound():
+    """Readings are skipped while the strength stays under RISE × the last sound one, but never at the ceiling
+    during the ramp: a lifted ceiling (×LIFT) must be read again to be lifted again, or one early overshoot
+    freezes the strength for the rest of the run (ISTA at 28% near zero on the digits CNN)."""
+    score = {"q": 0.9}
+    m, ctl = make(quality=lambda: score["q"], total=400)
+    for _ in range(30):
+        ctl.tick()
+    score["q"] = 0.9 - 2 * DAMAGE
+    while not any(r.get("action", "").startswith("damage") for r in ctl.trajectory):
+        ctl.tick()
+    score["q"] = 0.9
+    at = len(ctl.trajectory)
+    while ctl.step < ctl.ramp_steps:
+        ctl.tick()
+    after = ctl.trajectory[at:]
+    lifts = [b for a, b in zip(after, after[1:], strict=False) if b.get("ceiling", 0) > a.get("ceiling", 0)]
+    assert len(lifts) >= 2, [r.get("ceiling") for r in after]
