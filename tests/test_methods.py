@@ -137,6 +137,34 @@ def test_ista_spares_the_share_each_layer_keeps():
             assert torch.equal(left[left > 0].sort().values, strongest.sort().values)
 
 
+def test_spare_index_picks_each_groups_strongest_share():
+    """The vectorised choice matches the plain one (per group, ``topk`` of ``max(1, floor(share × size))``
+    channels, then every BN that ranks them) on a torchvision ResNet-18, whose coupled groups span several
+    BNs; a BN outside every group (``bns`` may hold more, as L1's do) keeps its penalty everywhere."""
+    import torchvision
+
+    from slimcore.methods._util import SpareIndex
+
+    m = fx.symbolic_trace(torchvision.models.resnet18(num_classes=10).eval())
+    gs = build_groups(m, torch.randn(1, 3, 32, 32), [])
+    bns = [b for b in m.modules() if isinstance(b, nn.BatchNorm2d)] + [nn.BatchNorm2d(4)]
+    index = SpareIndex(gs, bns)
+    gen = torch.Generator().manual_seed(0)
+    for share in (0.0, 0.3, 0.5, 0.97, 1.0):
+        imp = torch.rand(sum(g.size for g in gs.groups), generator=gen)
+        want = {id(bn): torch.ones(bn.weight.numel()) for bn in bns}
+        off = 0
+        for g in gs.groups:
+            top = torch.topk(imp[off:off + g.size], max(1, min(g.size, int(share * g.size)))).indices
+            off += g.size
+            for b in g.bns:
+                want[id(b.module)][b.bn_idx[torch.isin(b.root_idx, top)]] = 0.0
+        got = index.masks(imp, share)
+        assert all(torch.equal(a, want[id(bn)]) for a, bn in zip(got, bns, strict=True)), share
+        assert torch.equal(got[-1], torch.ones(4))
+        assert 0 < int((torch.cat(got) == 0).sum()) < len(torch.cat(got))
+
+
 @pytest.mark.parametrize("name", ["l1", "group_lasso"])
 def test_steered_penalties_spare_the_share_each_layer_keeps(name):
     """L1 and group lasso under the controller: the penalty's gradient is zero on each group's strongest

@@ -18,7 +18,7 @@ import torch
 
 from ..spec import MethodSpec
 from . import METHODS, Method, MethodContext
-from ._util import add_to_grads, flat_index, spare_masks
+from ._util import SpareIndex, add_to_grads, flat_index
 
 DEFAULT_LAMBDA = 1e-4  # equals L1's default in a plain chain, where the two penalties coincide
 
@@ -32,12 +32,15 @@ class GroupLasso(Method):
         self.gammas = [bn.weight for bn in self.index.bns]
         self.ctx = ctx
         self.spared: torch.Tensor | None = None  # flat over ``gammas``, 0 where the penalty is off
+        self._spares: SpareIndex | None = None
 
     def spare_strongest(self, share: float = 0.0, imp: torch.Tensor | None = None) -> None:
-        """Steered runs only: the penalty acts on the channels that are to go (``_util.spare_masks``); the
+        """Steered runs only: the penalty acts on the channels that are to go (``_util.SpareIndex``); the
         norm of a spared channel's group still counts its own γ, which the penalty no longer touches."""
         imp = imp if imp is not None else self.channel_importance(self.ctx.groups)
-        masks = spare_masks(self.ctx.groups, self.index.bns, imp, share)
+        if self._spares is None:  # built once: the controller calls this about a hundred times a run
+            self._spares = SpareIndex(self.ctx.groups, self.index.bns)
+        masks = self._spares.masks(imp, share)
         self.spared = torch.cat(masks) if masks else None
 
     @torch.no_grad()

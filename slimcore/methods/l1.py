@@ -11,7 +11,7 @@ import torch
 
 from ..spec import MethodSpec
 from . import METHODS, Method, MethodContext
-from ._util import spare_masks
+from ._util import SpareIndex
 
 DEFAULT_LAMBDA = 1e-4  # the paper's VGG value; ResNets used 1e-5
 
@@ -24,14 +24,17 @@ class L1(Method):
         self.gammas = [bn.weight for bn in self.bns]
         self.ctx = ctx
         self.spared: list[torch.Tensor] | None = None  # per γ, 0 where the penalty is off (``spare_strongest``)
+        self._spares: SpareIndex | None = None
         self._on: dict[torch.device, list[torch.Tensor]] = {}
 
     def spare_strongest(self, share: float = 0.0, imp: torch.Tensor | None = None) -> None:
         """Steered runs only (the controller calls it at each check): the penalty acts on the channels that are
-        to go, each layer's strongest ``share`` is spared (``_util.spare_masks``, growing regularization's
+        to go, each layer's strongest ``share`` is spared (``_util.SpareIndex``, growing regularization's
         selective penalty). A γ in no prunable group keeps the penalty, as with a given strength."""
         imp = imp if imp is not None else self.channel_importance(self.ctx.groups)
-        self.spared = spare_masks(self.ctx.groups, self.bns, imp, share)
+        if self._spares is None:  # built once: the controller calls this about a hundred times a run
+            self._spares = SpareIndex(self.ctx.groups, self.bns)
+        self.spared = self._spares.masks(imp, share)
         self._on.clear()
 
     def after_backward(self) -> None:
