@@ -57,6 +57,10 @@ def test_digits_slimmed_keeps_accuracy(tmp_path, digits, digits_cnn, fmt):
     assert report["version"] == 1 and report["method"]["name"] == "l1"
     for stage in ("baseline", "sparse", "pruned", "finetuned"):
         assert report["stages"][stage]["latency_ms"] > 0
+    took = report["stage_seconds"]  # every stage before the report's own, each within the job's wall time
+    assert {"import", "sparse_training", "prune", "finetuning", "export"} <= set(took)
+    assert all(t >= 0 for t in took.values()) and sum(took.values()) <= report["wall_seconds"]
+    assert took["sparse_training"] > 0
 
 
 def _bad(tmp_path: Path, model: Path, spec: dict | str, data: Path) -> str:

@@ -37,6 +37,8 @@ def test_resume_after_interruption(tmp_path, digits, digits_cnn, stop_in):
     report = run_job(model, spec, digits, tmp_path / "out.pt2", checkpoints=store,
                      progress=lambda ph, fr, m: resumed.append((ph, m.get("epoch", 0.0))))
     assert report["resumed_from"] == f"{stop_in}:1"
+    # a resumed job times only what it ran again: the stages before the interrupted one were restored
+    assert "import" in report["stage_seconds"] and "baseline" not in report["stage_seconds"]
     # the resumed run trains only the remaining epochs of the interrupted phase
     assert [e for ph, e in resumed if ph == stop_in and e in (1.0, 2.0, 3.0)] == [2.0, 3.0]
     assert report["stages"]["finetuned"]["params"] < report["stages"]["baseline"]["params"]

@@ -77,6 +77,8 @@ class Report(Stage):
                      "val_source": job.data.val_source, "source": job.data.source,
                      "loader_workers": job.data.workers, "augment": spec.data.augment},
             "device": str(job.dev), "wall_seconds": round(time.perf_counter() - job.t_start, 3),
+            # where the time went, per stage (this attempt's: a resumed job lists the stages it ran again)
+            "stage_seconds": dict(job.seconds),
             "resumed_from": job.resumed_from,
             "reinserted_bn": job.reinserted,
             "sparse_training_stopped_early_at": job.early.get("epoch"),

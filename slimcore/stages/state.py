@@ -178,6 +178,7 @@ class JobState:
     warm: dict[str, Any] | None = None  # pilot: the chosen pilot's state, for sparse training to continue from
     control: dict[str, Any] = field(default_factory=dict)  # sparse_training: the strength controller's record
     early: dict[str, Any] = field(default_factory=dict)  # sparse_training: where and why it stopped early
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage run in this attempt
 
     imported: Imported = field(init=False)  # import
     model: nn.Module = field(init=False)
@@ -282,6 +283,8 @@ def run_stages(job: JobState, stages: Iterable[Stage], ck: dict[str, Any] | None
         if ck is not None and ck["phase"] == stage.name:
             resume = Resume(ck["epoch"], ck["model"], ck["optimizer"], ck["extra"])
         known, n_warnings = set(job.rb.stages), len(job.rb.warnings)
+        t0 = time.perf_counter()
         stage.run(job, resume)
+        job.seconds[stage.name] = round(time.perf_counter() - t0, 3)
         job.finished.append(Finished(stage, {k: v for k, v in job.rb.stages.items() if k not in known},
                                      job.rb.warnings[n_warnings:]))
