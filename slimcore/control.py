@@ -8,8 +8,11 @@ closes the loop on what the prune step needs: the wanted fraction of channels ne
 
 How (details on :class:`StrengthController`):
 - The wanted share is the prune target's share plus ``MARGIN``, so the cut falls inside channels that are
-  already near zero. It should be reached by ``RAMP_END`` (70%) of the schedule; the last 30% consolidates
-  at the strength reached (the loss repairs the network around the channels that went).
+  already near zero. Where the penalty spares a share of every layer (``selective``, below), a params,
+  FLOPs or latency target's share is the one a uniform cut needs (``strength.wanted_fraction``), since
+  that is where the channels near zero will lie. It should be reached by ``RAMP_END`` (70%) of the
+  schedule; the last 30% consolidates at the strength reached (the loss repairs the network around the
+  channels that went).
 - The strength starts at the method's own default and grows (×1.3 at most per check, about ``CHECKS``
   checks a run, one host sync each, and at most ×``GROWTH`` between two guard readings) while the
   wanted-rank channel lags its planned path; it eases off when ahead. Multiplicative, since good strengths
@@ -21,6 +24,11 @@ How (details on :class:`StrengthController`):
   distillation error), skipping a reading while the strength is under ``RISE`` × the last sound one
   (``_reading_due``; reading on the training batches instead was free but missed the damage that
   stops L1 at ``params: 0.9``: 0.972 fine-tuned against 0.992; so did 128 samples, 0.970).
+  A reading short of the start by more than ``WARY`` × ``DAMAGE`` (and by more than three times one
+  reading's binomial noise) is no sign of safety: no raise until the next reading, which is always due,
+  and the strength is not taken as safe (L1 at ``params: 0.9`` on the digits CNN read 0.949 against
+  0.992, was raised ×1.4 and read 0.08 next: 0.977 fine-tuned; held, 0.992). A reading ``COLLAPSE`` ×
+  ``DAMAGE`` below the start is damage at once, not noise.
   One reading worse than at the start by more than ``DAMAGE`` holds the strength
   (on a 119-sample split one reading is often noise, and SGD restarting on a trained model dips); two
   in a row halve it, cap it for the rest of the run at ``CEILING`` × the strength of the last sound
@@ -68,6 +76,8 @@ RISE = 1.25  # a guard reading is skipped unless the strength rose this much sin
 CAP = 1e4  # the strength never exceeds this multiple of its first value (the method's default)
 RELATIVE = 0.1  # a channel is near zero under this fraction of its group's largest importance
 DAMAGE = 0.05  # accuracy (5 points, classification) or relative squared output error (distillation)
+WARY = 0.5  # a reading this share of DAMAGE below the start (and over its noise) blocks raises until the next
+COLLAPSE = 4.0  # a reading COLLAPSE × DAMAGE below the start is damage at once, without a second reading
 
 
 class StrengthController:
@@ -93,10 +103,12 @@ class StrengthController:
     def __init__(self, method: Method, groups: Any, *, name: str, wanted: float, threshold: float,
                  total_steps: int, lr_at: Callable[[int], float], lr_gain: float = 1.0,
                  quality: Callable[[], float | None] | None = None, start_step: int = 0,
-                 state: dict[str, Any] | None = None, selective: bool = True) -> None:
+                 state: dict[str, Any] | None = None, selective: bool = True,
+                 samples: int | None = None) -> None:
         import numpy as np
 
         self.method, self.groups = method, groups
+        self._gid: Any = None  # each channel's group, built at the first check
         self.wanted = min(max(wanted, 0.0) + MARGIN, 0.99)
         st = state or {}
         self.threshold = float(st.get("threshold", threshold))  # a resumed run keeps its first cut
@@ -112,9 +124,13 @@ class StrengthController:
         self.step = start_step
         self.q0: float | None = st.get("q0")
         self.damaged = bool(st.get("damaged", False))
+        self.wary = bool(st.get("wary", False))  # the last reading fell short of the start, not yet by DAMAGE
         self.trajectory: list[dict[str, Any]] = list(st.get("trajectory", []))
         if self.q0 is None and quality is not None:
             self.q0 = quality()
+        # one reading's noise (binomial, for an accuracy over ``samples``): a drop within it is not a warning
+        q0 = self.q0 if self.q0 is not None and 0 <= self.q0 <= 1 else None
+        self.noise = (q0 * (1 - q0) / samples) ** 0.5 if samples and q0 is not None else 0.0
         self.r0 = float(st.get("r0", self._rank_relative(self._importance())))
         self.first = float(st.get("first", method.strength if method.strength > 0 else 1e-4))
         self.strength = float(st.get("strength", self.first))
@@ -142,13 +158,18 @@ class StrengthController:
         return self.method.channel_importance(self.groups)
 
     def _relative(self, imp: Any) -> Any:
-        """Each importance ÷ its group's largest (0 where the whole group is 0)."""
+        """Each importance ÷ its group's largest (0 where the whole group is 0): one scatter, not a loop over
+        groups (a check runs about a hundred times a run)."""
         import torch
 
-        sizes = [g.size for g in self.groups.groups]
-        if not imp.numel() or not sizes:
+        if not imp.numel() or not self.groups.groups:
             return imp
-        top = torch.cat([part.max().expand(part.numel()) for part in imp.split(sizes)])
+        if self._gid is None:
+            from .methods._util import group_of_channel
+
+            self._gid = group_of_channel(self.groups).to(imp.device)
+        top = torch.zeros(len(self.groups.groups), dtype=imp.dtype, device=imp.device)
+        top = top.scatter_reduce(0, self._gid, imp, reduce="amax")[self._gid]  # importances are ≥ 0
         return torch.where(top > 0, imp / top.clamp_min(1e-30), torch.zeros_like(imp))
 
     def _share(self, imp: Any, rel: Any = None) -> float:
@@ -186,7 +207,8 @@ class StrengthController:
         if self.step == self.total:
             return True
         at_ceiling = self.step < self.ramp_steps and self.strength >= 0.99 * self.ceiling
-        return self.step % self.eval_every == 0 and (self.damaged or at_ceiling or self.strength > self.safe * RISE)
+        return self.step % self.eval_every == 0 and (self.damaged or self.wary or at_ceiling
+                                                     or self.strength > self.safe * RISE)
 
     def tick(self) -> None:
         self.step += 1
@@ -206,13 +228,18 @@ class StrengthController:
             row["quality"] = round(q, 4)
         confirmed = False
         if q is not None and self.q0 is not None:
-            bad = q < self.q0 - DAMAGE
+            drop = self.q0 - q
+            bad = drop > DAMAGE
             # one bad reading is often noise (a small validation split, SGD restarting on a trained model):
-            # it blocks raises; a second one in a row is damage
-            confirmed, self.damaged = bad and self.damaged, bad
+            # it blocks raises; a second one in a row is damage, and so is one collapse
+            confirmed, self.damaged = bad and (self.damaged or drop > COLLAPSE * DAMAGE), bad
+            # a reading short of the start by half the bound is no sign of safety: no raise until the next one
+            self.wary = not bad and drop > max(WARY * DAMAGE, 3 * self.noise)
             if bad and not confirmed:
                 row["action"] = "suspect: hold"
-            if not bad:
+            if self.wary:
+                row["action"] = "wary: hold"
+            if not bad and not self.wary:
                 self.safe, self.episode = self.strength, False
                 if self.step < self.ramp_steps and self.strength >= 0.99 * self.ceiling:
                     self.ceiling *= LIFT  # sound at the ceiling, still in the ramp: probe above it again
@@ -227,7 +254,7 @@ class StrengthController:
             row["action"] = "damage: backed off"
         elif ramp:
             lag = max(rw - plan, goal - share) if share < goal - TOL or rw > plan + TOL else 0.0
-            if lag > 0 and not self.damaged:  # no raise until the guard reads the model as sound again
+            if lag > 0 and not (self.damaged or self.wary):  # no raise until the guard reads the model as sound
                 self.strength *= 1 + self.step_max * min(1.0, lag / 0.1)
                 row["action"] = "raise"
             elif rw < plan - TOL and share > goal + 2 * TOL:
@@ -247,7 +274,7 @@ class StrengthController:
     def state(self) -> dict[str, Any]:
         """What a resumed run needs to continue steering (kept in the checkpoint)."""
         return {"strength": self.strength, "ceiling": self.ceiling, "safe": self.safe, "episode": self.episode,
-                "q0": self.q0, "damaged": self.damaged,
+                "q0": self.q0, "damaged": self.damaged, "wary": self.wary,
                 "first": self.first, "r0": self.r0, "threshold": self.threshold, "trajectory": self.trajectory,
                 "selective": self.selective}
 
@@ -257,7 +284,9 @@ class StrengthController:
                 "sparsity_threshold": self.threshold, "start_strength": float(f"{self.first:.4g}"),
                 "final_strength": float(f"{self.strength:.4g}"), "near_zero_reached": final.get("near_zero"),
                 "checks": len(self.trajectory), "check_every_steps": self.check_every,
-                "ramp_end": RAMP_END, "damage_bound": DAMAGE, "baseline_quality": self.q0,
+                "ramp_end": RAMP_END, "damage_bound": DAMAGE,
+                "wary_bound": round(max(WARY * DAMAGE, 3 * self.noise), 4),
+                "collapse_bound": COLLAPSE * DAMAGE, "baseline_quality": self.q0,
                 "trajectory": self.trajectory}
 
 
@@ -302,7 +331,8 @@ def make_controller(model: Any, method: Method, spec: Any, data: Any, gs: Any, e
         return None, {"used": False, "why": why}
     if train.epochs == 0:
         return None, {"used": False, "why": "no sparse training (sparse_training.epochs is 0)"}
-    frac = wanted_fraction(model, gs, spec, example)
+    selective = spec.prune.target == "channels" or method.exact_zeros  # module docstring
+    frac = wanted_fraction(model, gs, spec, example, uniform=selective)
     if frac is None or frac <= 0:
         return None, {"used": False, "why": f"prune.target '{spec.prune.target}' sets its own cut, not a "
                                             f"fraction: the paper's default strength"}
@@ -323,4 +353,5 @@ def make_controller(model: Any, method: Method, spec: Any, data: Any, gs: Any, e
     return StrengthController(method, gs, name=spec.method.name, wanted=frac, threshold=threshold,
                               total_steps=total, lr_at=lambda it: lr_at(train, it, total), lr_gain=gain,
                               quality=quality, start_step=start_epoch * per_epoch, state=state,
-                              selective=spec.prune.target == "channels" or method.exact_zeros), {}
+                              selective=selective,
+                              samples=len(val_y) if spec.task == "classification" and val_y is not None else None), {}

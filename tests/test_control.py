@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from slimcore.control import CAP, CEILING, DAMAGE, GROWTH, LIFT, RAMP_END, StrengthController
+from slimcore.control import BACKOFF, CAP, CEILING, COLLAPSE, DAMAGE, GROWTH, LIFT, RAMP_END, StrengthController
 from slimcore.methods import Method
 from tests.conftest import run_slim, write_spec
 
@@ -203,3 +203,86 @@ def test_the_ceiling_keeps_lifting_while_readings_are_sound():
     after = ctl.trajectory[at:]
     lifts = [b for a, b in zip(after, after[1:], strict=False) if b.get("ceiling", 0) > a.get("ceiling", 0)]
     assert len(lifts) >= 2, [r.get("ceiling") for r in after]
+
+
+def _tick_until(ctl: StrengthController, done, limit: int = 400) -> None:
+    for _ in range(limit):
+        if done():
+            return
+        ctl.tick()
+    raise AssertionError("not reached")
+
+
+def test_a_reading_short_of_the_start_holds_until_a_sound_one():
+    """A reading between half the damage bound and the bound below the start blocks raises and is no new
+    "safe" strength (L1 at ``params: 0.9`` on the digits CNN read 0.949 against 0.992, was raised further,
+    ×1.4 to the cap, and read 0.08 next); the next sound reading frees it. A drop within one reading's noise
+    is no warning."""
+    score = {"q": 0.9}
+    m, ctl = make(quality=lambda: score["q"], total=200)
+    _tick_until(ctl, lambda: any("quality" in r for r in ctl.trajectory[1:]))
+    safe = ctl.safe
+    score["q"] = 0.9 - 0.75 * DAMAGE
+    _tick_until(ctl, lambda: any(r.get("action") == "wary: hold" for r in ctl.trajectory))
+    at = next(i for i, r in enumerate(ctl.trajectory) if r.get("action") == "wary: hold")
+    held = ctl.trajectory[at]["strength"]
+    for _ in range(ctl.eval_every - 1):  # up to the next reading
+        ctl.tick()
+    assert all(r["strength"] <= held * (1 + 1e-6) for r in ctl.trajectory[at:])  # no raise while wary
+    assert ctl.safe == safe < held  # the wary strength is not taken as safe
+    score["q"] = 0.9
+    for _ in range(3 * ctl.eval_every):
+        ctl.tick()
+    assert any(r.get("action") == "raise" for r in ctl.trajectory[at + 1:])  # a sound reading frees it
+    assert not ctl.wary
+    # within one reading's binomial noise (3σ) a drop is not a warning, however it compares with the bound
+    _, noisy = make(quality=lambda: 0.7, total=200)
+    noisy.noise = (0.7 * 0.3 / 100) ** 0.5
+    noisy.q0, noisy.safe = 0.7 + 0.75 * DAMAGE, noisy.first
+    for _ in range(40):
+        noisy.tick()
+    assert any("quality" in r for r in noisy.trajectory)
+    assert not any(r.get("action") == "wary: hold" for r in noisy.trajectory)
+
+
+def test_a_collapse_backs_off_at_once():
+    """A reading far below the start (COLLAPSE × the bound) is damage without waiting for a second reading."""
+    score = {"q": 0.95}
+    m, ctl = make(quality=lambda: score["q"], total=200)
+    for _ in range(30):
+        ctl.tick()
+    score["q"] = 0.95 - (COLLAPSE + 1) * DAMAGE
+    _tick_until(ctl, lambda: any(r.get("action", "").startswith(("suspect", "damage")) for r in ctl.trajectory))
+    first = next(r for r in ctl.trajectory if r.get("action", "").startswith(("suspect", "damage")))
+    assert first["action"] == "damage: backed off"
+    assert ctl.strength <= first["strength"] * BACKOFF * (1 + 1e-6)
+
+
+def test_the_aim_of_a_uniform_cut_is_the_share_every_layer_must_lose():
+    """ISTA's steered penalty leaves the same share near zero in every layer, so under a parameter target it
+    aims at the share a uniform cut needs, which is more than a ranked plan's (it cuts the costly layers
+    deeper): removing that share from every layer reaches the target, a step (1/64) less does not."""
+    import torch.fx as fx
+
+    from slimcore.groups import build_groups
+    from slimcore.prune import _cost_after, cost
+    from slimcore.spec import parse_spec
+    from slimcore.strength import wanted_fraction
+    from tests.zoo import make_model
+
+    gm = fx.symbolic_trace(make_model("smallcnn"))
+    with torch.no_grad():  # the costliest layer (each channel feeds 16 × 64 weights of the head) ranks weakest
+        gm.get_submodule("features.8").weight.mul_(0.1)
+    x = torch.randn(1, 1, 8, 8)
+    gs = build_groups(gm, x, [])
+    spec = parse_spec(json.dumps({"prune": {"target": "params", "amount": 0.9}}))
+    ranked, uniform = wanted_fraction(gm, gs, spec, x), wanted_fraction(gm, gs, spec, x, uniform=True)
+    assert ranked is not None and uniform is not None and uniform > ranked + 0.03
+
+    def removed(share: float) -> float:
+        cut = {g.gid: torch.argsort(g.importance("max"))[:int(share * g.size)] for g in gs.groups}
+        return 1 - _cost_after(gm, gs, cut, "params", x) / cost(gm, "params", x)
+
+    total = sum(g.size for g in gs.groups)
+    share = next(s / 64 for s in range(65) if sum(int(s / 64 * g.size) for g in gs.groups) / total >= uniform)
+    assert removed(share) >= 0.9 > removed(share - 1 / 64)

@@ -15,7 +15,7 @@ import torch
 from .. import io
 from ..export import EXPORTERS
 from ..external_data import deliver, upload_bytes
-from ..report import layer_table, removal_cost
+from ..report import REMOVAL_BOUND, layer_table, removal_cost
 from .pruning import per_output
 from .state import STAGES, JobState, Resume, Stage
 
@@ -54,7 +54,11 @@ class Report(Stage):
             rb.warn(f"the strength pilot aimed for {pilot['wanted_fraction']:.0%} of channels near zero after sparse "
                     f"training and reached {reached:.0%}: removal cost more accuracy than it needed to; give more "
                     f"sparse_training.epochs, more method.pilot_runs, or a method.strength")
-        if control.get("used") and (control.get("near_zero_reached") or 0) < control["wanted_fraction"] - 0.05:
+        # short of its aim is worth a warning only where the removal then cost something (the aim is a means: ISTA
+        # at 70% of channels reached 63% at zero and lost 0.2 points to the removal, well within the bound)
+        costly = removal["cost"] is None or removal["cost"] > REMOVAL_BOUND / 3
+        short = control.get("used") and (control.get("near_zero_reached") or 0) < control["wanted_fraction"] - 0.05
+        if short and costly:
             rb.warn(f"the strength controller aimed for {control['wanted_fraction']:.0%} of channels near zero and "
                     f"reached {control['near_zero_reached']:.0%} (final strength {control['final_strength']:g}): "
                     f"removal cost more accuracy than it needed to; give more sparse_training.epochs or a "
