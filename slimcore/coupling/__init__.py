@@ -5,7 +5,7 @@ The package entry imports the rules so they are registered before anything analy
 
 from __future__ import annotations
 
-from . import rules as _rules  # noqa: F401  (registers the propagation rules)
+from . import rules, rules_modules, rules_views  # noqa: F401  (importing registers the propagation rules)
 from .analyze import Coupling, analyze
 from .surgery import prune
 

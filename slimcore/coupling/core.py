@@ -202,3 +202,25 @@ def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
     if name.endswith("_") and not name.endswith("__") and not name.startswith("_"):
         name = name[:-1]
     return name
+
+
+# Helpers every rule module uses (the rules live in rules.py, rules_views.py and rules_modules.py).
+
+def shape(cx: Context, a: Any) -> tuple[int, ...] | None:
+    s = cx.shape_of(a)
+    return tuple(s) if isinstance(s, torch.Size) else None
+
+
+def arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def set_map(cx: Context, node: fx.Node, m: Any) -> None:
+    cx.maps[node.name] = m
+
+
+def op_of(node: fx.Node) -> str:
+    t = node.target
+    return str(t) if node.op == "call_method" else str(getattr(t, "__name__", t)).rstrip("_")

@@ -7,14 +7,13 @@ An op with no rule pins every channel it sees (named in the report), so a new ar
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import torch
 import torch.fx as fx
 
-from .core import RULES, ChanMap, Context, _flat_nodes
+from .core import RULES, ChanMap, Context, _flat_nodes, arg, op_of, set_map, shape
 
 # Ops that act on each element (or each spatial window) and keep every dim's meaning.
 UNARY = {
@@ -49,36 +48,21 @@ SHAPE_ONLY = {"sym_size", "size", "sym_numel", "numel", "dim", "sym_stride", "st
               "sym_float", "sym_int", "floordiv", "sym_not", "getattr", "_assert"}
 
 
-def _shape(cx: Context, a: Any) -> tuple[int, ...] | None:
-    s = cx.shape_of(a)
-    return tuple(s) if isinstance(s, torch.Size) else None
-
-
-def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get(name, default)
-
-
-def _set(cx: Context, node: fx.Node, m: Any) -> None:
-    cx.maps[node.name] = m
-
-
 @RULES.register("unary")
 def unary(cx: Context, node: fx.Node) -> None:
     src = node.args[0] if node.args else None
-    m, si, so = cx.map_of(src), _shape(cx, src), cx.shape_of(node)
+    m, si, so = cx.map_of(src), shape(cx, src), cx.shape_of(node)
     if isinstance(m, ChanMap):
         first = so[0] if isinstance(so, list) and so and isinstance(so[0], torch.Size) else so
         if not isinstance(first, torch.Size) or si is None or len(first) != len(si) or first[m.dim] != si[m.dim]:
             cx.pin(m, f"{node.name} changes the channel dim")
             return
-        _set(cx, node, [m, m] if isinstance(so, list) else m)
+        set_map(cx, node, [m, m] if isinstance(so, list) else m)
 
 
 @RULES.register("binary")
 def binary(cx: Context, node: fx.Node) -> None:
-    out = _shape(cx, node)
+    out = shape(cx, node)
     if out is None:
         return
     ops = [a for a in _flat_nodes(node.args, node.kwargs) if isinstance(cx.shape_of(a), torch.Size)]
@@ -111,18 +95,18 @@ def binary(cx: Context, node: fx.Node) -> None:
         for _, cm in mapped:
             cx.pin(cm, why + f" ({a.name} has no prunable channels)")
         return
-    _set(cx, node, first.moved(d))
+    set_map(cx, node, first.moved(d))
 
 
 @RULES.register("cat")
 def cat(cx: Context, node: fx.Node) -> None:
-    xs = _arg(node, 0, "tensors", [])
+    xs = arg(node, 0, "tensors", [])
     if isinstance(xs, fx.Node):  # a list computed at run time: its members cannot be followed
         cx.pin_inputs(node, f"{node.name} concatenates a list built at run time")
         return
     xs = list(xs)
-    dim = _arg(node, 1, "dim", 0)
-    out = _shape(cx, node)
+    dim = arg(node, 1, "dim", 0)
+    out = shape(cx, node)
     if out is None or not xs:
         return
     dim %= len(out)
@@ -136,10 +120,10 @@ def cat(cx: Context, node: fx.Node) -> None:
             if isinstance(m, ChanMap):
                 parts.append(m.atoms)
             else:
-                fresh = cx.fresh(_shape(cx, a)[dim])
+                fresh = cx.fresh(shape(cx, a)[dim])
                 cx.pins.append((fresh, f"{node.name} concatenates them with channels that are not prunable"))
                 parts.append(fresh)
-        _set(cx, node, ChanMap(dim, np.concatenate(parts)))
+        set_map(cx, node, ChanMap(dim, np.concatenate(parts)))
         return
     _cat_other_dim(cx, node, xs, maps)
 
@@ -154,38 +138,38 @@ def _cat_other_dim(cx: Context, node: fx.Node, xs: list[Any], maps: list[Any]) -
         return
     for m in ms[1:]:
         cx.union(m.atoms, ms[0].atoms)
-    _set(cx, node, ms[0])
+    set_map(cx, node, ms[0])
 
 
 @RULES.register("stack")
 def stack(cx: Context, node: fx.Node) -> None:
-    xs = list(_arg(node, 0, "tensors", []))
-    out = _shape(cx, node)
+    xs = list(arg(node, 0, "tensors", []))
+    out = shape(cx, node)
     maps = [cx.map_of(a) for a in xs]
     ms = [m for m in maps if isinstance(m, ChanMap)]
     if not ms or out is None:
         return
-    dim = _arg(node, 1, "dim", 0) % len(out)
+    dim = arg(node, 1, "dim", 0) % len(out)
     if len(ms) != len(xs) or any(m.dim != ms[0].dim or m.atoms.size != ms[0].atoms.size for m in ms):
         for m in ms:
             cx.pin(m, f"{node.name} stacks them with channels it cannot align")
         return
     for m in ms[1:]:
         cx.union(m.atoms, ms[0].atoms)
-    _set(cx, node, ms[0].moved(ms[0].dim + (1 if dim <= ms[0].dim else 0)))
+    set_map(cx, node, ms[0].moved(ms[0].dim + (1 if dim <= ms[0].dim else 0)))
 
 
 @RULES.register("split")
 def split(cx: Context, node: fx.Node) -> None:
     """split / split_with_sizes / chunk / unbind: pieces along the channel dim take their share of atoms."""
     src = node.args[0]
-    m, si, outs = cx.map_of(src), _shape(cx, src), cx.shape_of(node)
+    m, si, outs = cx.map_of(src), shape(cx, src), cx.shape_of(node)
     if not isinstance(m, ChanMap) or si is None or not isinstance(outs, list):
         return
     name = str(getattr(node.target, "__name__", node.target))
-    dim = (_arg(node, 1, "dim", 0) if name.startswith("unbind") else _arg(node, 2, "dim", 0)) % len(si)
+    dim = (arg(node, 1, "dim", 0) if name.startswith("unbind") else arg(node, 2, "dim", 0)) % len(si)
     if dim != m.dim:
-        _set(cx, node, [m.moved(m.dim) for _ in outs])
+        set_map(cx, node, [m.moved(m.dim) for _ in outs])
         return
     if name.startswith("unbind") or m.rep != 1 or not cx.editable:
         cx.pin(m, f"{node.name} splits the channels in code that cannot be rewritten" if not cx.editable
@@ -195,7 +179,7 @@ def split(cx: Context, node: fx.Node) -> None:
     bounds = np.cumsum([0] + sizes)
     pieces = [ChanMap(dim, m.atoms[bounds[i]:bounds[i + 1]]) for i in range(len(sizes))]
     cx.record("split", node.name, m, sizes=sizes)
-    _set(cx, node, pieces)
+    set_map(cx, node, pieces)
 
 
 @RULES.register("getitem")
@@ -203,7 +187,7 @@ def getitem(cx: Context, node: fx.Node) -> None:
     src, idx = node.args[0], node.args[1]
     m = cx.map_of(src)
     if isinstance(m, list) and isinstance(idx, int):
-        _set(cx, node, m[idx] if -len(m) <= idx < len(m) else None)
+        set_map(cx, node, m[idx] if -len(m) <= idx < len(m) else None)
     elif isinstance(m, ChanMap):  # indexing a tensor (eager code): not followed
         cx.pin(m, f"{node.name} indexes the tensor")
 
@@ -211,15 +195,15 @@ def getitem(cx: Context, node: fx.Node) -> None:
 @RULES.register("slice")
 def slice_(cx: Context, node: fx.Node) -> None:
     src = node.args[0]
-    m, si = cx.map_of(src), _shape(cx, src)
+    m, si = cx.map_of(src), shape(cx, src)
     if not isinstance(m, ChanMap) or si is None:
         return
-    dim = _arg(node, 1, "dim", 0) % len(si)
+    dim = arg(node, 1, "dim", 0) % len(si)
     if dim != m.dim:
-        _set(cx, node, m)
+        set_map(cx, node, m)
         return
-    start, end, step = (_value(cx, v) for v in (_arg(node, 2, "start", None), _arg(node, 3, "end", None),
-                                                 _arg(node, 4, "step", 1)))
+    start, end, step = (_value(cx, v) for v in (arg(node, 2, "start", None), arg(node, 3, "end", None),
+                                                 arg(node, 4, "step", 1)))
     n = si[dim]
     if not all(isinstance(v, (int, type(None))) for v in (start, end, step)) or step != 1 or m.rep != 1 \
             or not cx.editable:
@@ -227,7 +211,7 @@ def slice_(cx: Context, node: fx.Node) -> None:
         return
     s, e, _ = slice(start, end).indices(n)
     cx.record("slice", node.name, m, start=s, end=max(s, e))
-    _set(cx, node, ChanMap(dim, m.atoms[s:max(s, e)]))
+    set_map(cx, node, ChanMap(dim, m.atoms[s:max(s, e)]))
 
 
 def _value(cx: Context, v: Any) -> Any:
@@ -240,178 +224,52 @@ def _value(cx: Context, v: Any) -> Any:
 def narrow(cx: Context, node: fx.Node) -> None:
     m = cx.map_of(node.args[0])
     if isinstance(m, ChanMap):
-        dim = node.args[1] % len(_shape(cx, node.args[0]))
+        dim = node.args[1] % len(shape(cx, node.args[0]))
         if dim == m.dim:
             cx.pin(m, f"{node.name} narrows the channels")
         else:
-            _set(cx, node, m)
+            set_map(cx, node, m)
 
 
 @RULES.register("select")
 def select(cx: Context, node: fx.Node) -> None:
-    m, si = cx.map_of(node.args[0]), _shape(cx, node.args[0])
+    m, si = cx.map_of(node.args[0]), shape(cx, node.args[0])
     if isinstance(m, ChanMap) and si is not None:
         dim = node.args[1] % len(si)
         if dim == m.dim:
             cx.pin(m, f"{node.name} picks single channels")
         else:
-            _set(cx, node, m.moved(m.dim - (1 if dim < m.dim else 0)))
+            set_map(cx, node, m.moved(m.dim - (1 if dim < m.dim else 0)))
 
 
 @RULES.register("index")
 def index(cx: Context, node: fx.Node) -> None:
     """``x[i0, i1]`` with index tensors on leading dims (ONNX GatherND, the dynamo exporter's adaptive
     pooling): channels after the indexed dims keep their place counted from the end."""
-    m, si, so = cx.map_of(node.args[0]), _shape(cx, node.args[0]), _shape(cx, node)
+    m, si, so = cx.map_of(node.args[0]), shape(cx, node.args[0]), shape(cx, node)
     if not isinstance(m, ChanMap) or si is None or so is None:
         return
     idx = node.args[1] if len(node.args) > 1 else []
     if node.target is not None and op_of(node).startswith("index_select"):
         dim = node.args[1] % len(si)
         if dim != m.dim:
-            _set(cx, node, m)
+            set_map(cx, node, m)
             return
     elif isinstance(idx, (list, tuple)) and all(i is not None for i in idx) and m.dim >= len(idx):
         nd = len(so) - (len(si) - m.dim)
         if 0 <= nd < len(so) and so[nd] == si[m.dim]:
-            _set(cx, node, m.moved(nd))
+            set_map(cx, node, m.moved(nd))
             return
     cx.pin(m, f"{node.name} indexes the channels")
-
-
-@RULES.register("flatten")
-def flatten(cx: Context, node: fx.Node) -> None:
-    src = node.args[0]
-    m, si = cx.map_of(src), _shape(cx, src)
-    if not isinstance(m, ChanMap) or si is None:
-        return
-    if node.op == "call_module":
-        mod = cx.module(node)
-        start, end = mod.start_dim, mod.end_dim
-    else:
-        start, end = _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)
-    r = len(si)
-    start, end = start % r, end % r
-    if m.dim < start:
-        _set(cx, node, m)
-    elif m.dim > end:
-        _set(cx, node, m.moved(m.dim - (end - start)))
-    elif math.prod(si[start:m.dim]) != 1:
-        cx.pin(m, f"{node.name} flattens the channels together with the dims before them")
-    else:
-        _set(cx, node, m.moved(start, m.rep * math.prod(si[m.dim + 1:end + 1])))
-
-
-@RULES.register("view")
-def view(cx: Context, node: fx.Node) -> None:
-    """A reshape keeps the channels when a dim of the result starts where they start and holds whole
-    channels (``view(b, no, -1)``, a flatten). A channel shuffle's ``(g, C/g)`` split and the view back are
-    followed as a grid whose columns go together, so the pruned tensor is still a valid shuffle. Anything
-    else that cuts the channels apart (DFL's ``(4, 16)``) pins them."""
-    src = node.args[0]
-    m, si, so = cx.map_of(src), _shape(cx, src), _shape(cx, node)
-    if not isinstance(m, ChanMap) or si is None or so is None:
-        return
-    if m.grid is not None:
-        _unshuffle(cx, node, m, si, so)
-        return
-    pre = math.prod(si[:m.dim])
-    c = m.atoms.size
-    acc = 1
-    for d2, size in enumerate(so):
-        # Dims before d2 hold what the dims before the channels held, and d2 holds whole channels: each
-        # channel's contiguous block (rep × the dims after it) becomes size // c steps of d2.
-        if acc == pre and size >= c and size % c == 0:
-            _set(cx, node, m.moved(d2, size // c))
-            return
-        if acc == pre and m.rep == 1 and d2 + 1 < len(so) and size * so[d2 + 1] == c and size > 1 \
-                and tuple(so[d2 + 2:]) == tuple(si[m.dim + 1:]) and cx.editable:
-            grid = m.atoms.reshape(size, c // size)
-            cx.union(grid.reshape(-1), np.tile(grid[0], size))  # each column goes or stays whole
-            _set(cx, node, ChanMap(d2, m.atoms, 1, (size, c // size)))
-            return
-        acc *= size
-        if acc > pre:
-            break
-    cx.pin(m, f"{node.name} reshapes {tuple(si)} -> {tuple(so)}, which cuts the channels apart")
-
-
-def _unshuffle(cx: Context, node: fx.Node, m: ChanMap, si: tuple[int, ...], so: tuple[int, ...]) -> None:
-    rows, cols = m.grid
-    if len(so) == len(si) - 1 and so[m.dim] == rows * cols and tuple(so[:m.dim]) == tuple(si[:m.dim]):
-        _set(cx, node, ChanMap(m.dim, m.atoms))
-    else:
-        cx.pin(m, f"{node.name} reshapes shuffled channels in a way that is not followed")
-
-
-@RULES.register("permute")
-def permute(cx: Context, node: fx.Node) -> None:
-    m = cx.map_of(node.args[0])
-    if not isinstance(m, ChanMap):
-        return
-    name = op_of(node)
-    r = len(_shape(cx, node.args[0]) or ())
-    if name in ("permute",):
-        dims = [d % r for d in (node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple))
-                                else node.args[1:])]
-        nd = dims.index(m.dim)
-    elif name in ("t", "numpy_t"):
-        nd = 1 - m.dim if r == 2 else m.dim
-    else:  # transpose / swapaxes
-        a, b = node.args[1] % r, node.args[2] % r
-        nd = b if m.dim == a else a if m.dim == b else m.dim
-    if m.grid is not None:
-        a, b = (node.args[1] % r, node.args[2] % r) if name.startswith(("transpose", "swapaxes")) else (-1, -1)
-        if name == "permute":
-            swap = list(range(r))
-            swap[m.dim], swap[m.dim + 1] = m.dim + 1, m.dim
-            a, b = (m.dim, m.dim + 1) if dims == swap else (-1, -1)
-        if {a, b} == {m.dim, m.dim + 1}:
-            rows, cols = m.grid
-            _set(cx, node, ChanMap(m.dim, m.atoms.reshape(rows, cols).T.reshape(-1), 1, (cols, rows)))
-        else:
-            cx.pin(m, f"{node.name} moves shuffled channels")
-        return
-    if m.rep != 1 and nd != m.dim:
-        cx.pin(m, f"{node.name} moves flattened channels")
-        return
-    _set(cx, node, m.moved(nd))
-
-
-def op_of(node: fx.Node) -> str:
-    t = node.target
-    return str(t) if node.op == "call_method" else str(getattr(t, "__name__", t)).rstrip("_")
-
-
-@RULES.register("unsqueeze")
-def unsqueeze(cx: Context, node: fx.Node) -> None:
-    m, si, so = cx.map_of(node.args[0]), _shape(cx, node.args[0]), _shape(cx, node)
-    if isinstance(m, ChanMap) and si is not None and so is not None:
-        _track_singletons(cx, node, m, si, so)
-
-
-def _track_singletons(cx: Context, node: fx.Node, m: ChanMap, si: tuple[int, ...], so: tuple[int, ...]) -> None:
-    """squeeze/unsqueeze: the channel dim is the one of the same size with as many non-1 dims before it."""
-    before = sum(1 for s in si[:m.dim] if s != 1)
-    seen = 0
-    for d2, s in enumerate(so):
-        if s != 1 and seen == before and s == si[m.dim]:
-            _set(cx, node, m.moved(d2))
-            return
-        seen += s != 1
-    cx.pin(m, f"{node.name} loses track of the channel dim")
-
-
-RULES.register("squeeze")(unsqueeze)
 
 
 @RULES.register("reduce")
 def reduce(cx: Context, node: fx.Node) -> None:
     src = node.args[0]
-    m, si, so = cx.map_of(src), _shape(cx, src), cx.shape_of(node)
+    m, si, so = cx.map_of(src), shape(cx, src), cx.shape_of(node)
     if not isinstance(m, ChanMap) or si is None:
         return
-    dims = _arg(node, 1, "dim", None)
+    dims = arg(node, 1, "dim", None)
     if dims is None or (isinstance(dims, (list, tuple)) and not dims):
         cx.pin(m, f"{node.name} reduces over the channels")
         return
@@ -423,126 +281,44 @@ def reduce(cx: Context, node: fx.Node) -> None:
     if not isinstance(first, torch.Size):
         return
     nd = m.dim if len(first) == len(si) else m.dim - sum(1 for d in dims if d < m.dim)
-    _set(cx, node, [m.moved(nd), m.moved(nd)] if isinstance(so, list) else m.moved(nd))
+    set_map(cx, node, [m.moved(nd), m.moved(nd)] if isinstance(so, list) else m.moved(nd))
 
 
 @RULES.register("softmax")
 def softmax(cx: Context, node: fx.Node) -> None:
-    m, si = cx.map_of(node.args[0]), _shape(cx, node.args[0])
+    m, si = cx.map_of(node.args[0]), shape(cx, node.args[0])
     if isinstance(m, ChanMap) and si is not None:
-        dim = _arg(node, 1, "dim", -1)
+        dim = arg(node, 1, "dim", -1)
         if isinstance(dim, int) and dim % len(si) != m.dim:
-            _set(cx, node, m)
+            set_map(cx, node, m)
         else:
             cx.pin(m, f"{node.name} normalises across the channels")
 
 
 @RULES.register("pad")
 def pad(cx: Context, node: fx.Node) -> None:
-    m, si = cx.map_of(node.args[0]), _shape(cx, node.args[0])
+    m, si = cx.map_of(node.args[0]), shape(cx, node.args[0])
     if not isinstance(m, ChanMap) or si is None:
         return
-    pads = _arg(node, 1, "pad", [])
+    pads = arg(node, 1, "pad", [])
     if not isinstance(pads, (list, tuple)) or not all(isinstance(p, int) for p in pads):
         pads = [1] * (2 * len(si))  # computed at run time: assume every dim it names is padded
     touched = {len(si) - 1 - i // 2 for i, p in enumerate(pads) if p}
     if m.dim in touched:
         cx.pin(m, f"{node.name} pads the channel dim")
     else:
-        _set(cx, node, m)
+        set_map(cx, node, m)
 
 
 @RULES.register("expand")
 def expand(cx: Context, node: fx.Node) -> None:
-    m, si, so = cx.map_of(node.args[0]), _shape(cx, node.args[0]), _shape(cx, node)
+    m, si, so = cx.map_of(node.args[0]), shape(cx, node.args[0]), shape(cx, node)
     if isinstance(m, ChanMap) and si is not None and so is not None:
         nd = m.dim + len(so) - len(si)
         if so[nd] == si[m.dim]:
-            _set(cx, node, m.moved(nd))
+            set_map(cx, node, m.moved(nd))
         else:
             cx.pin(m, f"{node.name} repeats the channels")
-
-
-@RULES.register("conv_module")
-def conv_module(cx: Context, node: fx.Node) -> None:
-    mod = cx.module(node)
-    name = str(node.target)
-    m = cx.map_of(node.args[0])
-    out_atoms = _module_atoms(cx, name, mod.out_channels)
-    out = ChanMap(1, out_atoms)
-    g = mod.groups
-    if isinstance(m, ChanMap) and (m.dim != 1 or m.rep != 1):
-        cx.pin(m, f"{name} reads them in a layout it cannot follow")
-        m = None
-    if isinstance(m, ChanMap):
-        cx.record("in", name, m, groups=g)
-    if g > 1:
-        # A grouped (or depthwise) conv ties input block k to output block k: a whole group goes or stays.
-        gi, go = mod.in_channels // g, mod.out_channels // g
-        if isinstance(m, ChanMap):
-            ins = m.atoms.reshape(g, gi)
-            cx.union(out_atoms.reshape(g, go)[:, 0], ins[:, 0])
-            for a in (ins, out_atoms.reshape(g, go)):
-                if a.shape[1] > 1:
-                    cx.union(a[:, 1:].reshape(-1), np.repeat(a[:, 0], a.shape[1] - 1))
-        else:
-            blocks = out_atoms.reshape(g, go)
-            if go > 1:
-                cx.union(blocks[:, 1:].reshape(-1), np.repeat(blocks[:, 0], go - 1))
-            cx.pins.append((out_atoms, f"{name} is a grouped convolution whose inputs are not prunable"))
-    cx.record("out", name, out, groups=g)
-    _set(cx, node, out)
-
-
-@RULES.register("linear_module")
-def linear_module(cx: Context, node: fx.Node) -> None:
-    name = str(node.target)
-    mod = cx.module(node)
-    m, si = cx.map_of(node.args[0]), _shape(cx, node.args[0])
-    if isinstance(m, ChanMap):
-        if si is not None and m.dim == len(si) - 1:
-            cx.record("in", name, m)
-        else:
-            cx.pin(m, f"{name} does not read them as features")
-    out = ChanMap(len(si) - 1 if si else 1, _module_atoms(cx, name, mod.out_features))
-    cx.record("out", name, out)
-    _set(cx, node, out)
-
-
-@RULES.register("bn_module")
-def bn_module(cx: Context, node: fx.Node) -> None:
-    name = str(node.target)
-    m = cx.map_of(node.args[0])
-    if not isinstance(m, ChanMap):
-        return
-    if m.dim != 1 or m.rep != 1:
-        cx.pin(m, f"{name} normalises them in a layout it cannot follow")
-        return
-    cx.union(m.atoms, _module_atoms(cx, name, m.atoms.size))
-    cx.record("bn", name, m)
-    _set(cx, node, m)
-
-
-def _module_atoms(cx: Context, name: str, n: int) -> np.ndarray:
-    """A module called more than once (shared weights) has one set of channels for all its calls."""
-    key = "module:" + name
-    if key not in cx.maps:
-        cx.maps[key] = cx.fresh(n)
-    return cx.maps[key]
-
-
-@RULES.register("placeholder")
-def placeholder(cx: Context, node: fx.Node) -> None:
-    s = _shape(cx, node)
-    if s is not None and len(s) >= 2:
-        atoms = cx.fresh(s[1])
-        cx.pins.append((atoms, "the model's input channels"))
-        _set(cx, node, ChanMap(1, atoms))
-
-
-@RULES.register("output")
-def output(cx: Context, node: fx.Node) -> None:
-    cx.pin_inputs(node, "they are the model's output")
 
 
 def unknown(cx: Context, node: fx.Node, name: str) -> None:

@@ -45,7 +45,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ from ..external_data import data_file, save_onnx
 from ..lift import Imported
 from ..lift.bn_insert import META_KEY, fold_bn
 from . import EXPORTERS, rel_error
+from .onnx_edit import all_nodes, fresh_name, rename_value, replace_refs, to_opset, value_infos
 from .pt2 import _at_batch, _first_line
 
 aten = torch.ops.aten
@@ -100,7 +101,7 @@ def export_onnx(module: nn.Module, imported: Imported, out: Path, example: slim_
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model = route(prepared, checks[0], target)
-            model = _to_opset(model, target.opset)
+            model = to_opset(model, target.opset)
             _conform(model, target)
             save_onnx(model, out, external)
             verify(out, module, checks, target, external)
@@ -219,87 +220,6 @@ def _symbolic_axes(value: dict[str, Any]) -> dict[int, str]:
     return {i: (d or f"dim{i}") for i, d in enumerate(dims) if not isinstance(d, int)}
 
 
-def _to_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
-    """Convert to ``opset``; from 18 down to 17 with our own adapters, the rest with onnx's converter."""
-    if _opset(model) >= 18 > opset:
-        model = _down_to_17(model)
-    if _opset(model) == opset:
-        return model
-    from onnx import version_converter
-
-    converted = version_converter.convert_version(model, opset)
-    if _opset(converted) != opset:
-        raise RuntimeError(f"opset conversion {_opset(model)} → {opset} did not take")
-    return converted
-
-
-_REDUCE = {"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
-           "ReduceProd", "ReduceSumSquare"}
-
-
-def _down_to_17(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Opset 18 → 17 for the two op changes exporters emit (ReduceX axes input, Split ``num_outputs``).
-
-    ``onnx.version_converter`` 1.23 cannot do it: its ReduceMean adapter leaves the opset-18-only
-    ``noop_with_empty_axes`` attribute behind and it has no Split adapter. Any other op whose schema
-    changed at 18 is refused rather than guessed.
-    """
-    model = onnx.shape_inference.infer_shapes(model)
-    g = model.graph
-    consts = {i.name: onnx.numpy_helper.to_array(i) for i in g.initializer}
-    for n in g.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            consts[n.output[0]] = onnx.numpy_helper.to_array(n.attribute[0].t)
-    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-              for vi in (*g.value_info, *g.input, *g.output)}
-    for n in _all_nodes(g):
-        if n.domain not in ("", "ai.onnx"):
-            continue
-        attrs = {a.name: a for a in n.attribute}
-        if n.op_type in _REDUCE:
-            axes = n.input[1] if len(n.input) > 1 else ""
-            if axes and axes not in consts:
-                raise RuntimeError(f"{n.op_type} {n.name} has run-time axes; opset 17 needs constant ones")
-            if axes:
-                n.attribute.append(helper.make_attribute("axes", [int(a) for a in consts[axes].ravel()]))
-            elif "noop_with_empty_axes" in attrs and attrs["noop_with_empty_axes"].i:
-                raise RuntimeError(f"{n.op_type} {n.name} with noop_with_empty_axes=1 has no opset 17 form")
-            del n.input[1:]
-            _drop_attr(n, "noop_with_empty_axes")
-        elif n.op_type == "Split" and "num_outputs" not in attrs:
-            continue  # with a sizes input, Split-18 reads as Split-13
-        elif n.op_type == "Split":
-            axis = attrs["axis"].i if "axis" in attrs else 0
-            shape = shapes.get(n.input[0]) or []
-            size = shape[axis] if -len(shape) <= axis < len(shape) else None
-            if size is None:
-                raise RuntimeError(f"Split {n.name} splits a dynamic axis into equal parts; opset 17 needs sizes")
-            k = len(n.output)
-            part = -(-size // k)
-            sizes = [part] * (k - 1) + [size - part * (k - 1)]
-            name = _fresh(g, f"{n.name or 'split'}_sizes")
-            g.initializer.append(onnx.numpy_helper.from_array(np.asarray(sizes, dtype=np.int64), name))
-            del n.input[1:]
-            n.input.append(name)
-            _drop_attr(n, "num_outputs")
-        elif onnx.defs.get_schema(n.op_type, 17).since_version != onnx.defs.get_schema(n.op_type, 18).since_version:
-            raise RuntimeError(f"no opset 18 → 17 conversion for {n.op_type}")
-    for o in model.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            o.version = 17
-    return model
-
-
-def _drop_attr(node: onnx.NodeProto, name: str) -> None:
-    keep = [a for a in node.attribute if a.name != name]
-    del node.attribute[:]
-    node.attribute.extend(keep)
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), -1)
-
-
 def _conform(model: onnx.ModelProto, t: Target) -> None:
     """Give the exported graph the upload's names, dims, dtypes, IR version and metadata, in place."""
     g = model.graph
@@ -310,7 +230,7 @@ def _conform(model: onnx.ModelProto, t: Target) -> None:
         raise RuntimeError(f"exported graph has {len(inputs)} inputs and {len(outputs)} outputs, expected "
                            f"{len(t.inputs)} and {len(t.outputs)}")
     edges = list(zip(inputs, t.inputs, strict=True)) + list(zip(outputs, t.outputs, strict=True))
-    for node in _all_nodes(g):
+    for node in all_nodes(g):
         node.doc_string = ""
         del node.metadata_props[:]
     renames: dict[str, str] = {}
@@ -322,7 +242,7 @@ def _conform(model: onnx.ModelProto, t: Target) -> None:
         for d, w in zip(got, dims or [], strict=False):
             if d.dim_param and isinstance(w, str) and w:
                 renames.setdefault(d.dim_param, w)  # the input's naming wins
-    for vi in _value_infos(g):
+    for vi in value_infos(g):
         for d in vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else []:
             if d.dim_param in renames:  # never assign to others: dim_param and dim_value are a oneof
                 d.dim_param = renames[d.dim_param]
@@ -333,7 +253,7 @@ def _conform(model: onnx.ModelProto, t: Target) -> None:
     dup = {j: i for j, i in dup.items() if i != j}
     for k, (vi, want) in enumerate(edges):
         if k - len(inputs) not in dup:
-            _rename(g, vi.name, str(want["name"]))
+            rename_value(g, vi.name, str(want["name"]))
     for vi, want in zip(inputs, t.inputs, strict=True):
         _cast_input(g, vi, want)
     for j, (vi, want) in enumerate(zip(outputs, t.outputs, strict=True)):
@@ -357,8 +277,8 @@ def _cast_input(g: onnx.GraphProto, inp: onnx.ValueInfoProto, want: dict[str, An
     """Cast from the upload's input dtype where the exported one differs (the module computes in float32)."""
     want_in = want.get("elem_type")
     if want_in and inp.type.tensor_type.elem_type != want_in:
-        inner = _fresh(g, inp.name + "_cast")
-        _replace_refs(g, inp.name, inner, outputs=False)
+        inner = fresh_name(g, inp.name + "_cast")
+        replace_refs(g, inp.name, inner, outputs=False)
         g.node.insert(0, helper.make_node("Cast", [inp.name], [inner], to=inp.type.tensor_type.elem_type))
         inp.type.tensor_type.elem_type = int(want_in)
 
@@ -367,57 +287,10 @@ def _cast_output(g: onnx.GraphProto, outp: onnx.ValueInfoProto, want: dict[str, 
     """Cast to the upload's output dtype where the exported one differs."""
     want_out = want.get("elem_type")
     if want_out and outp.type.tensor_type.elem_type != want_out:
-        inner = _fresh(g, outp.name + "_uncast")
-        _replace_refs(g, outp.name, inner)
+        inner = fresh_name(g, outp.name + "_uncast")
+        replace_refs(g, outp.name, inner)
         g.node.append(helper.make_node("Cast", [inner], [outp.name], to=int(want_out)))
         outp.type.tensor_type.elem_type = int(want_out)
-
-
-def _graphs(g: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield g
-    for node in g.node:
-        for a in node.attribute:
-            for sub in ([a.g] if a.HasField("g") else []) + list(a.graphs):
-                yield from _graphs(sub)
-
-
-def _all_nodes(g: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
-    return (n for sub in _graphs(g) for n in sub.node)
-
-
-def _value_infos(g: onnx.GraphProto) -> Iterator[onnx.ValueInfoProto]:
-    return (vi for sub in _graphs(g) for vi in (*sub.input, *sub.output, *sub.value_info))
-
-
-def _names(g: onnx.GraphProto) -> set[str]:
-    names = {vi.name for vi in _value_infos(g)} | {i.name for sub in _graphs(g) for i in sub.initializer}
-    return names.union(*({*n.input, *n.output} for n in _all_nodes(g)))
-
-
-def _fresh(g: onnx.GraphProto, base: str) -> str:
-    names, name, i = _names(g), base, 1
-    while name in names:
-        name, i = f"{base}_{i}", i + 1
-    return name
-
-
-def _replace_refs(g: onnx.GraphProto, old: str, new: str, outputs: bool = True) -> None:
-    for node in _all_nodes(g):
-        node.input[:] = [new if n == old else n for n in node.input]
-        if outputs:
-            node.output[:] = [new if n == old else n for n in node.output]
-
-
-def _rename(g: onnx.GraphProto, old: str, new: str) -> None:
-    """Rename value ``old`` to ``new`` everywhere, first moving any other value called ``new`` aside."""
-    if old == new:
-        return
-    if new in _names(g):
-        _rename(g, new, _fresh(g, new + "_0"))
-    _replace_refs(g, old, new)
-    for item in (*_value_infos(g), *(i for sub in _graphs(g) for i in sub.initializer)):
-        if item.name == old:
-            item.name = new
 
 
 def verify(path: Path, module: nn.Module, batches: list[slim_io.Inputs], t: Target, external: bool = False) -> None:
