@@ -60,6 +60,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .methods import Method
+from .methods._util import group_of_channel
 
 RAMP_END = 0.7
 MARGIN = 0.02
@@ -165,8 +166,6 @@ class StrengthController:
         if not imp.numel() or not self.groups.groups:
             return imp
         if self._gid is None:
-            from .methods._util import group_of_channel
-
             self._gid = group_of_channel(self.groups).to(imp.device)
         top = torch.zeros(len(self.groups.groups), dtype=imp.dtype, device=imp.device)
         top = top.scatter_reduce(0, self._gid, imp, reduce="amax")[self._gid]  # importances are ≥ 0

@@ -60,8 +60,9 @@ class FlatIndex:
         return self
 
 
-def flat_index(gs: GroupSet) -> FlatIndex:
-    bns = group_bns(gs)
+def flat_index(gs: GroupSet, bns: list[nn.Module] | None = None) -> FlatIndex:
+    """Over ``bns`` (default: :func:`group_bns`); a BN in no group gets positions in the concatenation only."""
+    bns = group_bns(gs) if bns is None else bns
     offset, sizes, acc = {}, [], 0
     for bn in bns:
         offset[id(bn)] = acc
@@ -78,7 +79,6 @@ def flat_index(gs: GroupSet) -> FlatIndex:
     return FlatIndex(bns, sizes, torch.cat(pos) if pos else empty, torch.cat(gch) if gch else empty, goff)
 
 
-@torch.no_grad()
 def group_of_channel(gs: GroupSet) -> torch.Tensor:
     """Per channel of the groups' concatenation (``Method.channel_importance`` order), its group's number."""
     sizes = torch.tensor([g.size for g in gs.groups], dtype=torch.long)
@@ -99,26 +99,14 @@ class SpareIndex:
     """
 
     def __init__(self, gs: GroupSet, bns: list[nn.Module]) -> None:
-        offset, self.sizes, acc = {}, [], 0
-        for bn in bns:
-            offset[id(bn)] = acc
-            self.sizes.append(bn.weight.numel())
-            acc += self.sizes[-1]
-        self.total = acc
+        flat = flat_index(gs, bns)
+        self.sizes, self.total = flat.sizes, sum(flat.sizes)
         self.gid = group_of_channel(gs)
         self.gsize = torch.tensor([g.size for g in gs.groups], dtype=torch.long)
         self.start = torch.cumsum(self.gsize, 0) - self.gsize
-        src, dst, goff = [], [], 0
-        for g in gs.groups:
-            for b in g.bns:
-                if id(b.module) in offset:
-                    src.append(b.root_idx.cpu() + goff)
-                    dst.append(b.bn_idx.cpu() + offset[id(b.module)])
-            goff += g.size
-        empty = torch.zeros(0, dtype=torch.long)
-        self.src = torch.cat(src) if src else empty  # a channel of the concatenation ...
-        self.dst = torch.cat(dst) if dst else empty  # ... and the γ (in ``bns`` order) it ranks
+        self.src, self.dst = flat.gch, flat.pos  # a channel of the concatenation, and the γ (in ``bns`` order) it ranks
 
+    @torch.no_grad()
     def masks(self, imp: torch.Tensor, share: float) -> list[torch.Tensor]:
         """Per BN (CPU, one entry per γ): 0 where spared, 1 elsewhere (class docstring)."""
         imp = imp.float().cpu()
