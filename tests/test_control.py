@@ -6,6 +6,7 @@ sparse phase costs its epochs (no pilot runs).
 
 from __future__ import annotations
 
+import copy
 import json
 from types import SimpleNamespace
 
@@ -161,6 +162,35 @@ def test_slim_run_with_search_control(tmp_path, digits, digits_cnn):
     assert ctl["checks"] == len(ctl["trajectory"]) >= 10
     assert ctl["trajectory"][-1]["progress"] == 1.0
     assert abs(report["method"]["strength"] - ctl["final_strength"]) <= 1e-3 * ctl["final_strength"]
+
+
+def test_slim_run_steers_ista_to_the_uniform_share_of_a_params_target(tmp_path, digits, digits_cnn):
+    """Through ``slim run`` on a traced model: ISTA under ``params: 0.9`` aims at the share a uniform cut needs
+    (more than a ranked plan's), reaches the target, and the report carries the guard's bounds."""
+    import torch.fx as fx
+
+    from slimcore.groups import build_groups
+    from slimcore.spec import parse_spec
+    from slimcore.strength import wanted_fraction
+    from tests.zoo import save_model
+
+    model = save_model(digits_cnn, "trace", tmp_path / "m.pt", torch.randn(1, 1, 8, 8))
+    prune = {"target": "params", "amount": 0.9}
+    spec = write_spec(tmp_path / "spec.json", input_shape=[1, 1, 8, 8], method={"name": "ista", "search": "control"},
+                      sparse_training={"epochs": 2, "batch_size": 64}, prune=prune, finetune={"epochs": 1})
+    rep = tmp_path / "r.json"
+    r = run_slim("run", str(model), "--spec", str(spec), "--data", str(digits), "-o", str(tmp_path / "o.pt"),
+                 "--report", str(rep))
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(rep.read_text())
+    ctl = report["strength_control"]
+    gm = fx.symbolic_trace(copy.deepcopy(digits_cnn).eval())
+    x = torch.zeros(1, 1, 8, 8)
+    gs = build_groups(gm, x, [])
+    ranked = wanted_fraction(gm, gs, parse_spec(json.dumps({"prune": prune})), x)
+    assert ranked is not None and ctl["used"] and ctl["wanted_fraction"] > ranked + 0.05
+    assert report["target"]["achieved"] >= 0.88
+    assert ctl["collapse_bound"] > ctl["wary_bound"] > 0
 
 
 def test_auto_search_through_slim_run(tmp_path, digits, digits_cnn):
