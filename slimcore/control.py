@@ -21,9 +21,11 @@ How (details on :class:`StrengthController`):
   also exactly zero), because BatchNorm before a conv is scale-invariant: an absolute cut is reached by
   shrinking a whole layer, which removes nothing without cost.
 - A damage guard: up to ``EVALS`` times a run it evaluates 256 validation samples (accuracy, or minus the
-  distillation error), skipping a reading while the strength is under ``RISE`` × the last sound one
-  (``_reading_due``; reading on the training batches instead was free but missed the damage that
-  stops L1 at ``params: 0.9``: 0.972 fine-tuned against 0.992; so did 128 samples, 0.970).
+  distillation error), skipping a reading while the strength is under ``RISE`` × the last sound one,
+  or while the importances moved less than ``MOVED`` since the last reading (the model is still the one
+  judged sound, so the strength counts as safe; ``_reading_due``; reading on the training batches
+  instead was free but missed the damage that stops L1 at ``params: 0.9``: 0.972 fine-tuned against
+  0.992; so did 128 samples, 0.970).
   A reading short of the start by more than ``WARY`` × ``DAMAGE`` (and by more than three times one
   reading's binomial noise) is no sign of safety: no raise until the next reading, which is always due,
   and the strength is not taken as safe (L1 at ``params: 0.9`` on the digits CNN read 0.949 against
@@ -74,6 +76,7 @@ CHECKS = 100
 EVALS = 20
 GUARD_SAMPLES = 256  # held-out samples per guard reading
 RISE = 1.25  # a guard reading is skipped unless the strength rose this much since the last sound one
+MOVED = 0.05  # ... and unless the importances moved this share (L1) since the last reading
 CAP = 1e4  # the strength never exceeds this multiple of its first value (the method's default)
 RELATIVE = 0.1  # a channel is near zero under this fraction of its group's largest importance
 DAMAGE = 0.05  # accuracy (5 points, classification) or relative squared output error (distillation)
@@ -139,6 +142,8 @@ class StrengthController:
         self.safe = float(st.get("safe", self.first))  # the strength at the last sound guard reading
         self.episode = bool(st.get("episode", False))  # inside a run of bad readings
         self.selective = bool(st.get("selective", selective))
+        # the importances at the last guard reading (None after a resume: the next reading is due)
+        self._read_at: Any = self._importance().detach().clone() if self.q0 is not None and state is None else None
         self.method.strength = self.strength
         self._spare()
 
@@ -197,17 +202,32 @@ class StrengthController:
         ``RELATIVE`` in proportion to the learning rate spent (the penalty moves γ per unit of lr)."""
         return self.r0 + (min(RELATIVE, self.r0) - self.r0) * min(1.0, self._lr_done(step))
 
-    def _reading_due(self) -> bool:
+    def _moved(self, imp: Any) -> float:
+        """How far the importances moved since the last guard reading: Σ|Δ| ÷ Σ|then| (inf when unknown)."""
+        if self._read_at is None or self._read_at.shape != imp.shape:
+            return float("inf")
+        return float((imp - self._read_at).abs().sum() / self._read_at.abs().sum().clamp_min(1e-30))
+
+    def _reading_due(self, imp: Any) -> bool | None:
         """A guard reading at every ``eval_every``-th step and the last, skipped while the strength is less
         than ``RISE`` × the one of the last sound reading and none was bad: it would judge a strength much
         like one already judged sound (each reading evaluates ``GUARD_SAMPLES``; on the digits CNN the
-        readings were 10% of sparse training). Never skipped at the ceiling during the ramp: only a sound
-        reading there lifts it (``LIFT`` = ``RISE``, so a lifted ceiling alone would not make one due)."""
+        readings were 10% of sparse training). Also skipped while the importances moved less than ``MOVED``
+        since the last reading: the penalty has not yet changed the model the guard judged sound (early in
+        the ramp, the strength grows ×4 between readings for a few of them while γ hardly moves: those
+        readings were 5 of 13, and the guard was 9% of the digits CNN's sparse training); None says so.
+        Never skipped at the ceiling during the ramp: only a sound reading there lifts it (``LIFT`` =
+        ``RISE``, so a lifted ceiling alone would not make one due)."""
         if self.step == self.total:
             return True
         at_ceiling = self.step < self.ramp_steps and self.strength >= 0.99 * self.ceiling
-        return self.step % self.eval_every == 0 and (self.damaged or self.wary or at_ceiling
-                                                     or self.strength > self.safe * RISE)
+        if self.step % self.eval_every:
+            return False
+        if self.damaged or self.wary or at_ceiling:
+            return True
+        if self.strength <= self.safe * RISE:
+            return False
+        return True if self._moved(imp) > MOVED else None
 
     def tick(self) -> None:
         self.step += 1
@@ -217,7 +237,8 @@ class StrengthController:
         imp = self._importance()
         rel = self._relative(imp)
         share = self._share(imp, rel)
-        q = self.quality() if self.quality is not None and self._reading_due() else None
+        due = self._reading_due(imp) if self.quality is not None else False
+        q = self.quality() if due else None
         goal = self.goal(t)
         rw, plan = self._rank_relative(imp, rel), self._plan(self.step)
         row: dict[str, Any] = {"progress": round(t, 4), "strength": float(f"{self.strength:.4g}"),
@@ -225,6 +246,10 @@ class StrengthController:
                                "wanted_rank_relative": round(rw, 4), "plan": round(plan, 4)}
         if q is not None:
             row["quality"] = round(q, 4)
+            self._read_at = imp.detach().clone()
+        elif due is None:  # not read: the model is still the one judged sound, so this strength is safe too
+            row["guard"] = "unmoved"
+            self.safe = self.strength
         confirmed = False
         if q is not None and self.q0 is not None:
             drop = self.q0 - q

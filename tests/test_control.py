@@ -19,22 +19,26 @@ from tests.conftest import run_slim, write_spec
 
 
 class Toy(Method):
-    """Importances set by the test; two groups of 10 channels."""
+    """Importances set by the test; two groups of 10 channels. Each read shrinks them all by ``shrink`` (the
+    penalty moving γ, which leaves every importance relative to its group's largest where it was): the guard
+    skips readings while the importances have not moved."""
 
     strength = 1e-3  # the method's default, where the controller starts
 
-    def __init__(self) -> None:
+    def __init__(self, shrink: float = 0.98) -> None:
         self.imp = torch.linspace(0.05, 1.0, 20)
+        self.shrink, self.scale = shrink, 1.0
 
     def channel_importance(self, groups: object) -> torch.Tensor:
-        return self.imp.clone()
+        self.scale *= self.shrink
+        return self.imp * self.scale
 
 
 GROUPS = SimpleNamespace(groups=[SimpleNamespace(size=10), SimpleNamespace(size=10)])
 
 
-def make(quality=None, total=100, wanted=0.5):
-    m = Toy()
+def make(quality=None, total=100, wanted=0.5, shrink=0.98):
+    m = Toy(shrink)
     ctl = StrengthController(m, GROUPS, name="l1", wanted=wanted, threshold=0.05, total_steps=total,
                              lr_at=lambda it: 0.01, quality=quality)
     return m, ctl
@@ -132,6 +136,29 @@ def test_growth_between_two_readings_is_bounded():
     reads = [r for r in ctl.trajectory if "quality" in r]
     for a, b in zip(reads, reads[1:], strict=False):
         assert b["strength"] <= GROWTH * a["strength"] * (1 + 1e-3)
+
+
+def test_no_reading_while_the_importances_have_not_moved():
+    """A reading judges the model; while the penalty has not moved the importances (MOVED) since the last one,
+    the model is still the one judged sound: the reading is skipped and the strength counts as safe. Once they
+    move, readings come back at their interval."""
+    reads = {"n": 0}
+
+    def quality() -> float:
+        reads["n"] += 1
+        return 0.9
+
+    m, ctl = make(quality=quality, total=200, shrink=1.0)
+    for _ in range(40):  # below the cap: a strength at its ceiling is always read
+        ctl.tick()
+    skipped = [r for r in ctl.trajectory if r.get("guard") == "unmoved"]
+    assert reads["n"] == 1 and len(skipped) >= 3  # only the reading at the start
+    assert not any("quality" in r for r in ctl.trajectory)
+    assert ctl.safe == pytest.approx(skipped[-1]["strength"], rel=1e-3) and ctl.safe > ctl.first
+    m.shrink = 0.98  # the penalty starts to bite
+    for _ in range(3 * ctl.eval_every):
+        ctl.tick()
+    assert reads["n"] >= 3 and any("quality" in r for r in ctl.trajectory[-3 * ctl.eval_every:])
 
 
 def test_resumes_from_its_state():
