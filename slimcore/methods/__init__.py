@@ -78,23 +78,30 @@ class Method:
     def channel_importance(self, groups: GroupSet) -> torch.Tensor:
         """Every prunable channel's importance (``reduce`` over coupled BNs), groups concatenated.
 
-        Same as ``ChannelGroup.importance`` but through ``importance_of``, so it is right mid-training.
+        Same as ``ChannelGroup.importance`` but through ``importance_of``, so it is right mid-training. All
+        groups at once through one flat index (``_util.flat_index``, kept while the groups keep their sizes):
+        a handful of kernels instead of a few per BN view of every group. The strength controller calls this
+        about a hundred times a run, right after a training step, when each small op costs 80–200 µs on CPU.
         """
-        out = []
-        for g in groups.groups:
-            dev = g.bns[0].module.weight.device
-            if self.reduce == "mean":
-                acc, cnt = torch.zeros(g.size, device=dev), torch.zeros(g.size, device=dev)
-                for b in g.bns:
-                    acc.index_add_(0, b.root_idx, self.importance_of(b.module)[b.bn_idx])
-                    cnt.index_add_(0, b.root_idx, torch.ones_like(b.root_idx, dtype=torch.float32))
-                out.append(acc / cnt.clamp_min(1))
-            else:
-                acc = torch.zeros(g.size, device=dev)
-                for b in g.bns:
-                    acc.scatter_reduce_(0, b.root_idx, self.importance_of(b.module)[b.bn_idx], reduce="amax")
-                out.append(acc)
-        return torch.cat([o.cpu() for o in out])
+        from ._util import flat_index
+
+        key = (id(groups), tuple(g.size for g in groups.groups), sum(len(g.bns) for g in groups.groups))
+        cached = getattr(self, "_flat", None)
+        if cached is None or cached[0] != key:
+            ix = flat_index(groups)
+            cnt = torch.zeros(ix.n_channels).index_add_(0, ix.gch, torch.ones(ix.gch.numel()))
+            cached = self._flat = (key, ix, cnt.clamp_min(1))
+        _, ix, cnt = cached
+        if not ix.bns:
+            return torch.zeros(ix.n_channels)
+        flat = torch.cat([self.importance_of(bn).reshape(-1) for bn in ix.bns])
+        ix = ix.to(flat.device)
+        v = flat[ix.pos]
+        if self.reduce == "mean":
+            out = flat.new_zeros(ix.n_channels).index_add_(0, ix.gch, v) / cnt.to(flat.device)
+        else:
+            out = flat.new_zeros(ix.n_channels).scatter_reduce_(0, ix.gch, v, reduce="amax")
+        return out.cpu()
 
     def sparsity(self, groups: GroupSet, threshold: float | None = None) -> float:
         """Fraction of prunable channels whose importance is below ``threshold`` (default ``near_zero``).
