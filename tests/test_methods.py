@@ -400,6 +400,37 @@ def test_channel_importance_and_sparsity_hooks():
     assert meth.sparsity(gs, threshold=0.35) == 4 / 16  # 0.1, 0.31 in each of the two BNs
 
 
+def test_channel_importance_in_one_flat_pass_matches_each_group():
+    """``channel_importance`` reads all groups through one flat index (the controller calls it about a hundred
+    times a run): on a torchvision ResNet-18, whose residual groups span several BNs, it equals each group's own
+    ``importance`` for both reductions, and a changed model or GroupSet is read afresh, not from the index."""
+    import torchvision
+
+    from slimcore.methods import Method
+
+    m = fx.symbolic_trace(torchvision.models.resnet18(num_classes=10).eval())
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for b in m.modules():
+            if isinstance(b, nn.BatchNorm2d):
+                b.weight.copy_(torch.rand(b.weight.shape, generator=gen) * 2 - 1)
+    gs = build_groups(m, torch.randn(1, 3, 32, 32), [])
+    meth = Method()
+    for reduce in ("max", "mean"):
+        meth.reduce = reduce
+        want = torch.cat([g.importance(reduce) for g in gs.groups])
+        assert torch.allclose(meth.channel_importance(gs), want, rtol=1e-6, atol=0)
+    with torch.no_grad():  # the γ move between calls (training): the next read sees them
+        next(b for b in m.modules() if isinstance(b, nn.BatchNorm2d)).weight.mul_(0.5)
+    assert torch.allclose(meth.channel_importance(gs), torch.cat([g.importance("mean") for g in gs.groups]))
+    pruned = copy.deepcopy(m)
+    gs2 = build_groups(pruned, torch.randn(1, 3, 32, 32), [])
+    first = gs2.groups[0]
+    apply(pruned, gs2, {first.gid: torch.arange(first.size // 2)}, calib=None)
+    gs3 = build_groups(pruned, torch.randn(1, 3, 32, 32), [])
+    assert torch.allclose(meth.channel_importance(gs3), torch.cat([g.importance("mean") for g in gs3.groups]))
+
+
 def test_pilot_bisects_in_log_space_with_few_runs():
     calls: list[float] = []
 

@@ -2,7 +2,8 @@
 
 :mod:`.onnx_lift` holds the core (value kinds, the ``OPS`` registry, :class:`~.onnx_lift.Lifter`) and
 imports no converter; the converter modules (:mod:`.onnx_ops`, :mod:`.onnx_shapes`, :mod:`.onnx_pool`,
-:mod:`.onnx_scatter`) import the core and register themselves; this module imports them all. Imports run one way only.
+:mod:`.onnx_reduce`, :mod:`.onnx_scatter`) import the core and register themselves; this module imports them
+all. Imports run one way only.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import onnx
 import torch
 import torch.fx as fx
 
-from . import onnx_ops, onnx_pool, onnx_scatter, onnx_shapes  # noqa: F401  (importing registers the converters)
+from . import onnx_ops, onnx_pool, onnx_reduce, onnx_scatter, onnx_shapes  # noqa: F401  (importing registers the converters)
 from .onnx_lift import MAX_OPSET, MIN_OPSET, OPS, Lifter
 
 

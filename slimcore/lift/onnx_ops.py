@@ -1,4 +1,4 @@
-"""ONNX op converters for the layers and arithmetic of a CNN (shape and pooling ops live next door).
+"""ONNX op converters for the layers and arithmetic of a CNN (shape, pooling and reduction ops live next door).
 
 Each converter maps one ONNX node onto ``torch.ops.aten`` overload packets through :meth:`Lifter.call`,
 which folds it to a constant when every input is one. Conv, BatchNormalization, Gemm and MatMul with
@@ -6,7 +6,8 @@ constant weights become ``aten.conv2d`` / ``aten.batch_norm`` / ``aten.linear`` 
 the ONNX initializers, the calls :func:`.modularize.modularize` turns into modules Torch-Pruning can
 resize; with weights computed at run time they stay plain calls. Numerics follow onnxruntime's
 formulas where PyTorch's differ (HardSigmoid, integer Div), and version differences are handled where
-the op's inputs or attributes changed (Clip-11, Softmax-13, the Reduce ops' ``axes`` input).
+the op's inputs or attributes changed (Clip-11; Softmax-13 and the Reduce ops' ``axes`` input in
+:mod:`.onnx_reduce`).
 """
 
 from __future__ import annotations
@@ -360,54 +361,3 @@ def where(b: Lifter, n: Node, ins: list[Any], a: dict[str, Any], ver: int) -> An
 def pick(cond: bool, a: int, b: int) -> int:
     """``a if cond else b`` on run-time sizes, as a call fx can record and TorchScript can compile."""
     return a if cond else b
-
-
-@op("Softmax", "LogSoftmax")
-def softmax(b: Lifter, n: Node, ins: list[Any], a: dict[str, Any], ver: int) -> Any:
-    """Before opset 13 the op flattened everything from ``axis`` on into one dim (default axis 1)."""
-    x = ins[0]
-    fn = aten.softmax if n.op_type == "Softmax" else aten.log_softmax
-    r = len(b.shape(x))
-    axis = int(a.get("axis", -1 if ver >= 13 else 1)) % max(r, 1)
-    if ver >= 13 or axis == r - 1:
-        return b.call(fn, x, axis)
-    y = b.call(fn, b.call(aten.flatten, x, axis), axis)
-    return b.call(aten.reshape, y, [b.call(aten.sym_size, x, i) for i in range(r)])
-
-
-_REDUCE = {"ReduceMean": (aten.mean, 18), "ReduceSum": (aten.sum, 13), "ReduceMax": (aten.amax, 18),
-           "ReduceMin": (aten.amin, 18), "ReduceProd": (aten.prod, 18)}
-
-
-@op(*_REDUCE)
-def reduce(b: Lifter, n: Node, ins: list[Any], a: dict[str, Any], ver: int) -> Any:
-    """Reductions; ``axes`` moved from an attribute to an input (ReduceSum-13, the others at 18)."""
-    fn, since = _REDUCE[n.op_type]
-    x = ins[0]
-    keep = bool(int(a.get("keepdims", 1)))
-    if ver >= since:
-        axes = b.items(arg(ins, 1), "axes") if arg(ins, 1) is not None else []
-        if not axes and int(a.get("noop_with_empty_axes", 0)):
-            return x
-    else:
-        axes = list(a.get("axes", []))
-    if isinstance(x, Dims) and n.op_type == "ReduceProd":
-        v: Any = 1
-        for i in x.items:
-            v = b.call(operator.mul, v, i)
-        return Dims([v], scalar=not keep)
-    if isinstance(x, Dims):
-        x = b.tensor(x)
-    r = len(b.shape(x))
-    dims = sorted({int(i) % r for i in axes}) if axes else list(range(r))
-    if fn is aten.prod:
-        for d in reversed(dims):
-            x = b.call(aten.prod, x, d, keep)
-        return x
-    return b.call(fn, x, dims, keep)
-
-
-@op("GlobalAveragePool", "GlobalMaxPool")
-def global_pool(b: Lifter, n: Node, ins: list[Any], a: dict[str, Any], ver: int) -> Any:
-    dims = list(range(2, len(b.shape(ins[0]))))
-    return b.call(aten.mean if n.op_type == "GlobalAveragePool" else aten.amax, ins[0], dims, True)

@@ -1,4 +1,4 @@
-"""ONNX pooling and Resize converters, exact to onnxruntime's window and coordinate rules.
+"""ONNX pooling (windowed and global) and Resize converters, exact to onnxruntime's window and coordinate rules.
 
 PyTorch's pooling pads symmetrically, at most half a window, and (with ``ceil_mode``) drops a last
 window that would start in the right padding, the rule ONNX adopted too. Whatever PyTorch can express
@@ -197,3 +197,9 @@ def _interp(b: Lifter, fn: Any, x: Any, out: list[int], size_args: list[Any], gi
             return y
         return b.call(fn, x, [size_args[d] for d in spatial], *mid, *given)
     return b.call(fn, x, [size_args[d] for d in spatial], *mid, None)
+
+
+@op("GlobalAveragePool", "GlobalMaxPool")
+def global_pool(b: Lifter, n: Node, ins: list[Any], a: dict[str, Any], ver: int) -> Any:
+    dims = list(range(2, len(b.shape(ins[0]))))
+    return b.call(aten.mean if n.op_type == "GlobalAveragePool" else aten.amax, ins[0], dims, True)

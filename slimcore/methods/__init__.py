@@ -85,13 +85,14 @@ class Method:
         """
         from ._util import flat_index
 
-        key = (id(groups), tuple(g.size for g in groups.groups), sum(len(g.bns) for g in groups.groups))
+        # the same GroupSet object (held, so no other takes its id) with the same sizes and BatchNorms
+        key = (tuple(g.size for g in groups.groups), tuple(id(b.module) for g in groups.groups for b in g.bns))
         cached = getattr(self, "_flat", None)
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] is not groups or cached[1] != key:
             ix = flat_index(groups)
             cnt = torch.zeros(ix.n_channels).index_add_(0, ix.gch, torch.ones(ix.gch.numel()))
-            cached = self._flat = (key, ix, cnt.clamp_min(1))
-        _, ix, cnt = cached
+            cached = self._flat = (groups, key, ix, cnt.clamp_min(1))
+        _, _, ix, cnt = cached
         if not ix.bns:
             return torch.zeros(ix.n_channels)
         flat = torch.cat([self.importance_of(bn).reshape(-1) for bn in ix.bns])
