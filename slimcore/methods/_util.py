@@ -79,12 +79,6 @@ def flat_index(gs: GroupSet, bns: list[nn.Module] | None = None) -> FlatIndex:
     return FlatIndex(bns, sizes, torch.cat(pos) if pos else empty, torch.cat(gch) if gch else empty, goff)
 
 
-def group_of_channel(gs: GroupSet) -> torch.Tensor:
-    """Per channel of the groups' concatenation (``Method.channel_importance`` order), its group's number."""
-    sizes = torch.tensor([g.size for g in gs.groups], dtype=torch.long)
-    return torch.repeat_interleave(torch.arange(len(sizes)), sizes)
-
-
 class SpareIndex:
     """Which γ to spare, as index tensors built once per run: the controller re-chooses the spared channels at
     every check (about a hundred a run), and a per-group ``topk`` with per-BN ``isin`` cost ~0.7 ms a check
