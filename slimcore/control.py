@@ -39,17 +39,22 @@ How (details on :class:`StrengthController`):
   overshoot otherwise froze ISTA at 28% near zero for the rest of the run (digits CNN). For L1 on γ
   this guard is what stops the strength: its penalty shrinks whole layers, so the relative share moves
   late.
-- The penalty acts only on the channels that are to go: ISTA, L1 and group lasso spare each group's
-  strongest ``1 − wanted`` share (``spare_strongest``, growing regularization's selective penalty, Wang et
-  al. 2021). ISTA's proximal step subtracts one τ from a whole layer and zeroed every channel of the digits
-  CNN at once; sparing only each layer's strongest channel still cost 11 points right after removing half
-  the channels (0.884), sparing the kept share none (0.995). Sparing a share of every layer suits a
-  ``channels`` target, whose steered cut is close to uniform, and ISTA, whose cut falls on exact zeros
-  first; L1 and group lasso under a params/FLOPs/latency target spare each group's strongest channel
+- The penalty acts only on the channels that are to go: ISTA, L1, group lasso and receding spare each
+  group's strongest ``1 − wanted`` share (``spare_strongest``, growing regularization's selective penalty,
+  Wang et al. 2021). ISTA's proximal step subtracts one τ from a whole layer and zeroed every channel of the
+  digits CNN at once; sparing only each layer's strongest channel still cost 11 points right after removing
+  half the channels (0.884), sparing the kept share none (0.995). Sparing a share of every layer suits a
+  ``channels`` target, whose steered cut is close to uniform, and the methods whose push is a cliff
+  (``Method.spares_a_share``): ISTA, whose cut falls on exact zeros first, and receding, whose push
+  −ln(s)·s(1 − s) grows a thousandfold as a γ falls from the largest to a tenth of it (unspared, its steered
+  run went from nothing moved at κ = 7,000 to the whole digits CNN collapsed at 10,000); L1 and group
+  lasso under a params/FLOPs/latency target spare each group's strongest channel
   only (``selective``): the params cut goes deeper into some layers (the digits CNN's head: 64 → 8)
   than a uniform share had spared, and fine-tuning then reached 0.90 instead of 0.987; sparing the
-  start plan's own per-layer counts was worse still (0.67). Polarization and receding are not spared:
-  their penalties already separate the channels that go from those that stay.
+  start plan's own per-layer counts was worse still (0.67). Polarization is not spared: its penalty
+  already separates the channels that go from those that stay.
+- The start is ``Method.steered_start()``: the paper's value, except receding on a trained upload, whose
+  paper κ moves nothing there; it starts at the κ that moves the median channel as fast as L1's default λ.
 - Works for every method through ``Method.strength`` (read by each method's per-step hook).
 
 The report's ``strength_control`` holds the settings and the trajectory (progress, strength, gain, share
@@ -97,7 +102,8 @@ class StrengthController:
     strength only holds or falls: a raise there has nothing left to steer against and is what collapsed
     whole layers (ISTA) in early versions.
 
-    The start is the method's own default (the paper's value): low, since a strength too high at the start
+    The start is the method's own default (the paper's value; receding's on a trained upload, module
+    docstring): low, since a strength too high at the start
     wrecks a network before any reading can say so. ``k`` (strength ÷ start) is the gain the plot draws.
     ``quality()`` returns the guard's reading, higher = better, or None. ``lr_at(step)`` is the trainer's
     schedule, ``lr_gain`` its momentum factor 1/(1 − m) (1 for ISTA's momentum-free γ step).
@@ -349,18 +355,19 @@ def make_controller(model: Any, method: Method, spec: Any, data: Any, gs: Any, e
     train, how = spec.sparse_training, spec.method.strength_search()
     if how != "control":
         why = {"given": "the spec gives method.strength",
-               "pilot": "the strength pilot runs instead (method.search 'pilot', or 'auto' for receding)",
+               "pilot": "the strength pilot runs instead (method.search 'pilot')",
                "none": "method.search is 'none' (or pilot_runs 0): the paper's default strength"}[how]
         return None, {"used": False, "why": why}
     if train.epochs == 0:
         return None, {"used": False, "why": "no sparse training (sparse_training.epochs is 0)"}
-    selective = spec.prune.target == "channels" or method.exact_zeros  # module docstring
+    selective = spec.prune.target == "channels" or method.spares_a_share  # module docstring
     frac = wanted_fraction(model, gs, spec, example, uniform=selective)
     if frac is None or frac <= 0:
         return None, {"used": False, "why": f"prune.target '{spec.prune.target}' sets its own cut, not a "
                                             f"fraction: the paper's default strength"}
     per_epoch = len(make_loader(data.x_train, None, train.batch_size, shuffle=True, seed=spec.seed))
     total = train.epochs * per_epoch
+    method.strength = method.steered_start()
     imp = method.channel_importance(gs)
     threshold = method.near_zero if method.exact_zeros else 0.1 * float(imp.median())
     gain = 1.0 if spec.method.name == "ista" or train.optimizer != "sgd" else 1 / max(1e-3, 1 - train.momentum)

@@ -25,9 +25,9 @@ How (a documented approximation, checked after the real run):
   with enough sparsity failed too: the trajectory passes through damaged states the pilot's end did not
   have.) The report warns when the run ends short of the wanted fraction.
 
-Runs with ``method.search: "pilot"``, and with the default ``"auto"`` for receding (bench/README.md:
-there the in-run controller, slimcore/control.py, which ``auto`` picks for the other methods, is not yet as
-good after fine-tuning). Skipped (the
+Runs with ``method.search: "pilot"`` only: the default ``"auto"`` is the in-run controller
+(slimcore/control.py) for every method, which matched or beat the pilot at its own cost in epochs
+(bench/README.md; receding, the last to switch, in session 13). Skipped (the
 method's paper default is used, and the report says why) for a ``threshold`` target, whose cut is not a
 fraction.
 """
@@ -154,8 +154,8 @@ def choose_strength(model: torch.nn.Module, spec: JobSpec, data: Any, example: i
     how = spec.method.strength_search()
     if how != "pilot":
         why = {"given": "the spec gives method.strength",
-               "control": "the strength is steered within the one run (method.search 'control', or 'auto' "
-                          "for l1, group_lasso, ista and polarization)",
+               "control": "the strength is steered within the one run (method.search 'control', or 'auto', "
+                          "the default)",
                "none": "method.pilot_runs is 0: the paper's default strength" if spec.method.pilot_runs == 0
                else "method.search is 'none': the paper's default strength"}[how]
         return None, {"used": False, "why": why, "strength": None}

@@ -165,12 +165,14 @@ def test_spare_index_picks_each_groups_strongest_share():
         assert 0 < int((torch.cat(got) == 0).sum()) < len(torch.cat(got))
 
 
-@pytest.mark.parametrize("name", ["l1", "group_lasso"])
+@pytest.mark.parametrize("name", ["l1", "group_lasso", "receding"])
 def test_steered_penalties_spare_the_share_each_layer_keeps(name):
-    """L1 and group lasso under the controller: the penalty's gradient is zero on each group's strongest
-    ``floor(share × size)`` channels and unchanged on the rest; without a call it reaches every γ."""
+    """L1, group lasso and receding under the controller: the penalty's gradient is zero on each group's
+    strongest ``floor(share × size)`` channels (by importance: receding's is sigmoid(w)) and unchanged on the
+    rest; without a call it reaches every γ."""
     m = _model()
     meth = _make(name, m, strength=0.5)
+    meth.prepare(m)  # receding: the bounded BN its push acts on
     m.train()
 
     def added() -> dict[str, torch.Tensor]:
@@ -186,7 +188,7 @@ def test_steered_penalties_spare_the_share_each_layer_keeps(name):
     meth.spare_strongest(0.5)
     spared = added()
     for n in ("b1", "b2"):
-        strongest = m.get_submodule(n).weight.detach().abs().topk(4).indices
+        strongest = meth.importance_of(m.get_submodule(n)).topk(4).indices
         assert torch.equal(spared[n][strongest], torch.zeros(4)), n
         rest = torch.ones(8, dtype=torch.bool)
         rest[strongest] = False
@@ -260,6 +262,33 @@ def test_receding_gradient_is_kappa_times_analytic_derivative():
     (0.01 * regularizer(ref, 3.0)).backward()
     assert torch.allclose(m.b1.weight.grad - g0, ref.grad.nan_to_num(0.0), atol=1e-7)
     assert torch.isfinite(m.b1.weight.grad).all()  # w = −120: sigmoid underflows, still finite
+
+
+@pytest.mark.parametrize("cls", [Net, Res])
+def test_receding_steered_start_pushes_the_median_channel_like_l1s_default(cls):
+    """A steered run starts receding at the κ whose push moves the median channel's importance, in the
+    upload's γ units, by L1's default λ per unit of lr: the paper's κ barely moves a trained net's γ, which
+    sit near the largest (b = 3: push ~10⁻⁵), and the controller reached its cap with nothing moved."""
+    m = _model(cls)
+    meth = _make("receding", m)
+    paper = meth.strength
+    meth.prepare(m)
+    kappa = meth.steered_start()
+    assert kappa > paper
+    meth.strength = kappa
+    bns = [b for b in m.modules() if isinstance(b, BoundedBatchNorm2d)]
+    w = torch.cat([b.weight.detach().reshape(-1) for b in bns])
+    med = w.median()
+    m.train()
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    meth.after_backward()  # the push alone (no loss backward)
+    pushes = torch.cat([b.weight.grad.reshape(-1) for b in bns])
+    at = int((w == med).nonzero()[0])
+    moved = float(pushes[at]) * float(torch.sigmoid(med) * (1 - torch.sigmoid(med))) * meth.scale
+    assert abs(moved - 1e-4) < 1e-7, moved
+    if cls is Net:  # a plain chain (b = 3), γ spread over 0.1–1.6: the paper's κ is decades short
+        assert kappa > 10 * paper
 
 
 def test_receding_defaults_follow_architecture():

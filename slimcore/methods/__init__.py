@@ -51,6 +51,9 @@ class Method:
     # scale the controller steers; slimcore.prune.plan) or on the one global scale: polarization's penalty
     # ties every γ to the network's mean, and receding's bounded importances share one (0, 1) scale.
     steered_cut_within_layer: bool = True
+    # Whether a steered penalty spares each layer's strongest ``1 − wanted`` share at every prune target
+    # (slimcore.control): ISTA's shrink and receding's push act on whole layers at once, a cliff otherwise.
+    spares_a_share: bool = False
 
     def prepare(self, model: nn.Module) -> None:
         """Once, before the sparse-training optimizer is built (and before loading a resumed state)."""
@@ -111,6 +114,11 @@ class Method:
         """
         imp = self.channel_importance(groups)
         return float((imp < (self.near_zero if threshold is None else threshold)).float().mean())
+
+    def steered_start(self) -> float:
+        """The strength a steered run starts from (called after ``prepare``): the method's own default, low,
+        since a strength too high at the start wrecks a network before the guard can say so."""
+        return self.strength
 
     def describe(self) -> dict[str, object]:
         return {"strength": self.strength, "reduce": self.reduce}

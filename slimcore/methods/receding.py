@@ -32,12 +32,13 @@ from torch import nn
 
 from ..spec import MethodSpec
 from . import METHODS, Method, MethodContext
-from ._util import BN, flip_negative, group_bns, output_change
+from ._util import BN, SpareIndex, flip_negative, group_bns, output_change
 
 EPS = 1e-4
 S_MAX = 0.9
 KAPPA_RESNET, B_RESNET = 1e-4, 0.0
 KAPPA_VGG, B_VGG = 1e-3, 3.0
+L1_EQUIVALENT = 1e-4  # L1's default λ (methods/l1.py): the push a steered receding run starts level with
 TINY = torch.finfo(torch.float32).tiny
 
 
@@ -120,6 +121,7 @@ class Receding(Method):
     # of channels a within-layer cut kept 0.84 right after pruning (0.97 fine-tuned) where the global one
     # kept 0.93 (0.995)
     steered_cut_within_layer = False
+    spares_a_share = True
 
     def __init__(self, spec: MethodSpec, ctx: MethodContext) -> None:
         residual = any(len(g.bns) > 1 for g in ctx.groups.groups)
@@ -131,6 +133,17 @@ class Receding(Method):
         self.scale = 1.0
         self.inexact_signs = 0
         self.prepare_change: float | None = None
+        self.spared: list[torch.Tensor] | None = None  # per BN, 0 where the penalty is off (``spare_strongest``)
+        self._spares: SpareIndex | None = None
+        self._on: dict[torch.device, list[torch.Tensor]] = {}
+
+    def spare_strongest(self, share: float = 0.0, imp: torch.Tensor | None = None) -> None:
+        """Steered runs only: the penalty acts on the channels that are to go (``_util.SpareIndex``)."""
+        imp = imp if imp is not None else self.channel_importance(self.ctx.groups)
+        if self._spares is None:  # built once: the controller calls this about a hundred times a run
+            self._spares = SpareIndex(self.ctx.groups, self.bns)
+        self.spared = self._spares.masks(imp, share)
+        self._on.clear()
 
     def prepare(self, model: nn.Module) -> None:
         todo = [bn for bn in self.bns if type(bn) in BOUNDED]
@@ -148,16 +161,43 @@ class Receding(Method):
 
     @torch.no_grad()
     def after_backward(self) -> None:
-        ws = [bn.weight for bn in self.bns if type(bn) in PLAIN and bn.weight.grad is not None]
-        if not ws:
+        live = [i for i, bn in enumerate(self.bns) if type(bn) in PLAIN and bn.weight.grad is not None]
+        if not live:
             return
+        ws = [self.bns[i].weight for i in live]
         z = torch._foreach_add([w.detach() for w in ws], self.offset)
         s = torch._foreach_sigmoid(z)
         torch._foreach_clamp_min_(s, TINY)  # log stays finite where sigmoid underflows (its term is 0 anyway)
         d = torch._foreach_log(s)  # d/dw s(1 − ln s) = −ln(s)·s·(1 − s); 1 − s as sigmoid(−z), no cancellation
         torch._foreach_mul_(d, s)
         torch._foreach_mul_(d, torch._foreach_sigmoid(torch._foreach_neg(z)))
+        if self.spared is not None:
+            dev = ws[0].device
+            if dev not in self._on:
+                self._on[dev] = [m.to(dev) for m in self.spared]
+            torch._foreach_mul_(d, [self._on[dev][i] for i in live])
         torch._foreach_add_([w.grad for w in ws], d, alpha=-self.strength)
+
+    @torch.no_grad()
+    def steered_start(self) -> float:
+        """κ whose push moves the median channel's importance (relative to the largest) as fast as L1's
+        default λ moves a γ relative to the largest |γ|, if that is above the paper's κ.
+
+        The paper's κ suits γ that start small (training from scratch); a trained upload's γ sit near the
+        largest, where the push −ln(s)·s(1 − s) at s = sigmoid(w + b) is ~10⁻⁵ (b = 3): from κ = 10⁻³, a
+        steered run reached its cap with nothing moved. Importance sigmoid(w)·scale moves by
+        κ·push·sigmoid′(w)·scale per unit of lr; relative to the largest (S_MAX·scale) that is
+        κ·push·sigmoid′(w)/S_MAX, against L1's λ/max|γ| = λ/(S_MAX·scale)."""
+        ws = [bn.weight.detach().float().reshape(-1) for bn in self.bns if type(bn) in PLAIN]
+        if not ws:
+            return self.strength
+        w = torch.cat(ws).median()
+        s, z = torch.sigmoid(w), w + self.offset
+        push = float(-F.logsigmoid(z) * torch.sigmoid(z) * torch.sigmoid(-z))
+        per = push * float(s * (1 - s))
+        if per <= 0:
+            return self.strength
+        return max(self.strength, L1_EQUIVALENT / (self.scale * per))
 
     def importance_of(self, bn: BN) -> torch.Tensor:
         if type(bn) in PLAIN:
