@@ -47,7 +47,7 @@ def stages(rows: list[dict[str, float]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="digits")
-    ap.add_argument("--methods", default="l1,ista,group_lasso,polarization")
+    ap.add_argument("--methods", default="l1,ista,group_lasso,polarization,receding")
     ap.add_argument("--target", default="c50", choices=sorted(TARGETS))
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--sparse", type=int, default=10)

@@ -51,9 +51,6 @@ class Method:
     # scale the controller steers; slimcore.prune.plan) or on the one global scale: polarization's penalty
     # ties every γ to the network's mean, and receding's bounded importances share one (0, 1) scale.
     steered_cut_within_layer: bool = True
-    # Whether a steered penalty spares each layer's strongest ``1 − wanted`` share at every prune target
-    # (slimcore.control): ISTA's shrink and receding's push act on whole layers at once, a cliff otherwise.
-    spares_a_share: bool = False
 
     def prepare(self, model: nn.Module) -> None:
         """Once, before the sparse-training optimizer is built (and before loading a resumed state)."""

@@ -60,7 +60,6 @@ def _weights_per_channel(ctx: MethodContext) -> dict[int, float]:
 class Ista(Method):
     near_zero = 1e-12  # ISTA makes exact zeros
     exact_zeros = True
-    spares_a_share = True
 
     def __init__(self, spec: MethodSpec, ctx: MethodContext) -> None:
         self.strength = spec.strength if spec.strength is not None else DEFAULT_RHO

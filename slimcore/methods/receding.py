@@ -121,7 +121,6 @@ class Receding(Method):
     # of channels a within-layer cut kept 0.84 right after pruning (0.97 fine-tuned) where the global one
     # kept 0.93 (0.995)
     steered_cut_within_layer = False
-    spares_a_share = True
 
     def __init__(self, spec: MethodSpec, ctx: MethodContext) -> None:
         residual = any(len(g.bns) > 1 for g in ctx.groups.groups)
