@@ -191,9 +191,11 @@ def test_slim_run_with_search_control(tmp_path, digits, digits_cnn):
     assert abs(report["method"]["strength"] - ctl["final_strength"]) <= 1e-3 * ctl["final_strength"]
 
 
-def test_slim_run_steers_ista_to_the_uniform_share_of_a_params_target(tmp_path, digits, digits_cnn):
-    """Through ``slim run`` on a traced model: ISTA under ``params: 0.9`` aims at the share a uniform cut needs
-    (more than a ranked plan's), reaches the target, and the report carries the guard's bounds."""
+@pytest.mark.parametrize("name", ["ista", "l1"])
+def test_slim_run_steers_to_the_uniform_share_of_a_params_target(tmp_path, digits, digits_cnn, name):
+    """Through ``slim run`` on a traced model: ISTA and (since session 13) L1 under ``params: 0.9`` aim at the
+    share a uniform cut needs (more than a ranked plan's), since each layer spares its kept share; the job
+    reaches the target, and the report carries the guard's bounds."""
     import torch.fx as fx
 
     from slimcore.groups import build_groups
@@ -203,7 +205,7 @@ def test_slim_run_steers_ista_to_the_uniform_share_of_a_params_target(tmp_path, 
 
     model = save_model(digits_cnn, "trace", tmp_path / "m.pt", torch.randn(1, 1, 8, 8))
     prune = {"target": "params", "amount": 0.9}
-    spec = write_spec(tmp_path / "spec.json", input_shape=[1, 1, 8, 8], method={"name": "ista", "search": "control"},
+    spec = write_spec(tmp_path / "spec.json", input_shape=[1, 1, 8, 8], method={"name": name, "search": "control"},
                       sparse_training={"epochs": 2, "batch_size": 64}, prune=prune, finetune={"epochs": 1})
     rep = tmp_path / "r.json"
     r = run_slim("run", str(model), "--spec", str(spec), "--data", str(digits), "-o", str(tmp_path / "o.pt"),
@@ -218,6 +220,28 @@ def test_slim_run_steers_ista_to_the_uniform_share_of_a_params_target(tmp_path, 
     assert ranked is not None and ctl["used"] and ctl["wanted_fraction"] > ranked + 0.05
     assert report["target"]["achieved"] >= 0.88
     assert ctl["collapse_bound"] > ctl["wary_bound"] > 0
+
+
+def test_slim_run_steers_receding_off_a_trained_upload(tmp_path, digits, digits_cnn):
+    """Receding by default (no strength, no search) on a trained upload: the steered run starts at the κ that
+    moves the median channel like L1's default λ, far above the paper's 10⁻³, and drives the channels that go
+    near zero, so removing them costs little. From the paper's κ the run reached its cap with 0% near zero,
+    and removing half the channels cost 7 points (bench/README.md, session 13)."""
+    from tests.zoo import save_model
+
+    model = save_model(digits_cnn, "pt2", tmp_path / "m.pt2", torch.zeros(1, 1, 8, 8))
+    spec = write_spec(tmp_path / "spec.json", method={"name": "receding"},
+                      sparse_training={"epochs": 6, "batch_size": 64}, prune={"amount": 0.5},
+                      finetune={"epochs": 1})
+    rep = tmp_path / "r.json"
+    r = run_slim("run", str(model), "--spec", str(spec), "--data", str(digits), "-o", str(tmp_path / "o.pt2"),
+                 "--report", str(rep))
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads(rep.read_text())
+    ctl, stages = report["strength_control"], report["stages"]
+    assert ctl["used"] and ctl["start_strength"] > 100 * 1e-3
+    assert ctl["near_zero_reached"] >= 0.3, ctl["trajectory"][-1]
+    assert stages["pruned"]["accuracy"] >= stages["baseline"]["accuracy"] - 0.03
 
 
 def test_auto_search_through_slim_run(tmp_path, digits, digits_cnn):
