@@ -222,22 +222,27 @@ def test_slim_run_steers_to_the_uniform_share_of_a_params_target(tmp_path, digit
     assert ctl["collapse_bound"] > ctl["wary_bound"] > 0
 
 
+def _slim_run_digits(tmp_path, digits, digits_cnn, method: dict, epochs: int, tag: str = "r") -> dict:
+    """``slim run`` on the digits CNN saved as a .pt2, half the channels, one fine-tuning epoch: the report."""
+    from tests.zoo import save_model
+
+    model = save_model(digits_cnn, "pt2", tmp_path / "m.pt2", torch.zeros(1, 1, 8, 8))
+    spec = write_spec(tmp_path / f"{tag}.json", method=method,
+                      sparse_training={"epochs": epochs, "batch_size": 64}, prune={"amount": 0.5},
+                      finetune={"epochs": 1})
+    rep = tmp_path / f"{tag}.report.json"
+    r = run_slim("run", str(model), "--spec", str(spec), "--data", str(digits), "-o", str(tmp_path / f"{tag}.pt2"),
+                 "--report", str(rep))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(rep.read_text())
+
+
 def test_slim_run_steers_receding_off_a_trained_upload(tmp_path, digits, digits_cnn):
     """Receding by default (no strength, no search) on a trained upload: the steered run starts at the κ that
     moves the median channel like L1's default λ, far above the paper's 10⁻³, and drives the channels that go
     near zero, so removing them costs little. From the paper's κ the run reached its cap with 0% near zero,
     and removing half the channels cost 7 points (bench/README.md, session 13)."""
-    from tests.zoo import save_model
-
-    model = save_model(digits_cnn, "pt2", tmp_path / "m.pt2", torch.zeros(1, 1, 8, 8))
-    spec = write_spec(tmp_path / "spec.json", method={"name": "receding"},
-                      sparse_training={"epochs": 6, "batch_size": 64}, prune={"amount": 0.5},
-                      finetune={"epochs": 1})
-    rep = tmp_path / "r.json"
-    r = run_slim("run", str(model), "--spec", str(spec), "--data", str(digits), "-o", str(tmp_path / "o.pt2"),
-                 "--report", str(rep))
-    assert r.returncode == 0, r.stderr[-2000:]
-    report = json.loads(rep.read_text())
+    report = _slim_run_digits(tmp_path, digits, digits_cnn, {"name": "receding"}, 6)
     ctl, stages = report["strength_control"], report["stages"]
     assert ctl["used"] and ctl["start_strength"] > 100 * 1e-3
     assert ctl["near_zero_reached"] >= 0.3, ctl["trajectory"][-1]
@@ -371,3 +376,36 @@ def test_the_aim_of_a_uniform_cut_is_the_share_every_layer_must_lose():
     total = sum(g.size for g in gs.groups)
     share = next(s / 64 for s in range(65) if sum(int(s / 64 * g.size) for g in gs.groups) / total >= uniform)
     assert removed(share) >= 0.9 > removed(share - 1 / 64)
+
+
+def test_a_steered_run_stops_once_the_share_holds_after_the_ramp():
+    """``consolidated_stop``: never during the ramp, in a damage episode, or short of the wanted share; it
+    stops once the share near zero has held within 1% over the last tenth of the schedule after the ramp."""
+    from slimcore.strength import consolidated_stop
+
+    def ctl(rows: list[tuple[float, float]], **kw: object) -> SimpleNamespace:
+        base = {"step": 80, "ramp_steps": 70, "damaged": False, "wary": False, "wanted": 0.52}
+        return SimpleNamespace(trajectory=[{"progress": p, "near_zero": z} for p, z in rows], **{**base, **kw})
+
+    steady = [(p / 100, min(0.53, p / 130)) for p in range(1, 91)]  # the ramp reaches 0.53 at 69%, then holds
+    record: dict = {}
+    assert consolidated_stop(ctl(steady), record)(9)
+    assert record["epoch"] == 9 and "steady" in record["why"]
+    assert not consolidated_stop(ctl(steady[:75], step=75), {})(7)  # not a tenth of the schedule after the ramp
+    assert not consolidated_stop(ctl(steady, damaged=True), {})(9)
+    assert not consolidated_stop(ctl(steady, wary=True), {})(9)
+    assert not consolidated_stop(ctl(steady, wanted=0.6), {})(9)  # short of the wanted share
+    creeping = steady[:80] + [(p / 100, 0.53 + (p - 80) * 0.002) for p in range(81, 91)]
+    assert not consolidated_stop(ctl(creeping), {})(9)
+    assert not consolidated_stop(ctl(steady + [(1.0, 0.53)], step=100), {})(10)  # the end: nothing to save
+
+
+def test_slim_run_steered_job_stops_early_once_consolidated(tmp_path, digits, digits_cnn):
+    """Through ``slim run``: a default l1 job (steered) of 10 epochs stops its sparse training once the share
+    has held after the ramp, the report says when and why, and the job still removes what was asked."""
+    report = _slim_run_digits(tmp_path, digits, digits_cnn, {"name": "l1"}, 10)
+    assert report["strength_control"]["used"]
+    assert 7 < report["sparse_training_stopped_early_at"] < 10
+    assert "steady" in report["sparse_training_stopped_because"]
+    assert report["strength_control"]["trajectory"][-1]["progress"] < 1.0
+    assert report["target"]["achieved"] >= 0.5

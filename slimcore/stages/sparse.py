@@ -12,7 +12,7 @@ from typing import Any
 
 from ..control import Steered, make_controller
 from ..report import gamma_snapshot
-from ..strength import back_to_pilot_if_wrecked, plateau_stop
+from ..strength import back_to_pilot_if_wrecked, consolidated_stop, plateau_stop
 from .state import STAGES, JobState, Resume, Stage, cpu_state, train
 
 
@@ -37,7 +37,8 @@ class SparseTraining(Stage):
                                            start_epoch=resume.epoch if resume else 0)
         job.say("sparse_training", 0.0, {})
         train(job, "sparse_training", spec.sparse_training, method if ctl is None else Steered(method, ctl), resume,
-              start=start, stop=plateau_stop(method, job.gs, job.early, pilot) if ctl is None else None,
+              start=start, stop=plateau_stop(method, job.gs, job.early, pilot) if ctl is None
+              else consolidated_stop(ctl, job.early),
               extra=lambda: {"control": ctl.state()} if ctl is not None else {})
         if ctl is not None:
             job.control = ctl.record()
