@@ -251,36 +251,3 @@ def plateau_stop(method: Any, gs: Any, record: dict[str, Any], pilot: dict[str, 
 
     return check
 
-
-MARGIN_TOL = 0.02  # control.MARGIN: the controller aims this much above the wanted share
-STEADY = 0.1  # share of the schedule the near-zero share must hold still after the ramp
-
-
-def consolidated_stop(ctl: Any, record: dict[str, Any], tol: float = 0.01) -> Callable[[int], bool]:
-    """A steered run's early stop (checked at each epoch's end): after the controller's ramp, once the share
-    near zero within each layer has reached the wanted fraction and held within ``tol`` over the last
-    ``STEADY`` of the schedule (the controller's checks, one per ~1% of the steps), with the guard's last
-    reading sound. Nothing is steered there any more and the channels that go are already near zero; what
-    the rest would do, the loss repairing the network around them, fine-tuning does on the pruned network
-    at a fraction of the cost. A run with its strength given stops on its own plateau (``plateau_stop``,
-    3 epochs); without this the steered job cost 1.3× the given one at 30 + 10 epochs (receding, digits
-    CNN), and measured on the digits CNN and the cancer MLP (bench/README, session 13) stopping changed no
-    accuracy after fine-tuning. Recorded in the report like ``plateau_stop``."""
-    from .control import RAMP_END
-
-    def check(epoch: int) -> bool:
-        rows = ctl.trajectory
-        if not rows or ctl.step < ctl.ramp_steps or ctl.damaged or ctl.wary:
-            return False
-        now = float(rows[-1]["progress"])
-        if now < RAMP_END + STEADY or now >= 1.0:
-            return False
-        window = [float(r["near_zero"]) for r in rows if float(r["progress"]) >= now - STEADY]
-        share = window[-1]
-        if share < ctl.wanted - 2 * MARGIN_TOL or max(window) - min(window) > tol:
-            return False
-        record.update(epoch=epoch, why=f"{share:.0%} of channels near zero within their layer, steady over the "
-                                       f"last {STEADY:.0%} of the schedule after the controller's ramp")
-        return True
-
-    return check

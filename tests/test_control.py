@@ -381,7 +381,7 @@ def test_the_aim_of_a_uniform_cut_is_the_share_every_layer_must_lose():
 def test_a_steered_run_stops_once_the_share_holds_after_the_ramp():
     """``consolidated_stop``: never during the ramp, in a damage episode, or short of the wanted share; it
     stops once the share near zero has held within 1% over the last tenth of the schedule after the ramp."""
-    from slimcore.strength import consolidated_stop
+    from slimcore.stages.sparse import consolidated_stop
 
     def ctl(rows: list[tuple[float, float]], **kw: object) -> SimpleNamespace:
         base = {"step": 80, "ramp_steps": 70, "damaged": False, "wary": False, "wanted": 0.52}

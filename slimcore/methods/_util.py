@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -118,6 +119,29 @@ class SpareIndex:
         mask = np.ones(self.total, dtype=np.float32)
         mask[self.dst[spared[self.src]]] = 0.0
         return list(torch.from_numpy(mask).split(self.sizes))
+
+
+class SparesShare:
+    """``spare_strongest`` for a method whose per-BN masks (``spared``, in ``bns`` order) multiply its push:
+    L1, ISTA, receding. Steered runs only (the strength controller calls it at each check): the penalty acts
+    on the channels that are to go, each group's strongest ``share`` is spared (``SpareIndex``, growing
+    regularization's selective penalty). ``_on`` caches the method's device copies and is cleared here.
+    The method's ``__init__`` calls ``_init_spares``; it has ``ctx``, ``bns`` and ``channel_importance``."""
+
+    ctx: Any
+    bns: list[nn.Module]
+
+    def _init_spares(self) -> None:
+        self.spared: list[torch.Tensor] | None = None  # per BN, 0 where the penalty is off
+        self._spares: SpareIndex | None = None
+        self._on: dict[torch.device, list[torch.Tensor]] = {}
+
+    def spare_strongest(self, share: float = 0.0, imp: torch.Tensor | None = None) -> None:
+        imp = imp if imp is not None else self.channel_importance(self.ctx.groups)  # type: ignore[attr-defined]
+        if self._spares is None:  # built once: the controller calls this about a hundred times a run
+            self._spares = SpareIndex(self.ctx.groups, self.bns)
+        self.spared = self._spares.masks(imp, share)
+        self._on.clear()
 
 
 def add_to_grads(params: list[torch.Tensor], flat: torch.Tensor, sizes: list[int], alpha: float) -> None:

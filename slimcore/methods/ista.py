@@ -36,7 +36,7 @@ from torch import nn
 
 from ..spec import MethodSpec
 from . import METHODS, Method, MethodContext
-from ._util import SpareIndex, eval_forward, group_bns, group_items, output_change, rescale
+from ._util import SparesShare, eval_forward, group_bns, group_items, output_change, rescale
 
 DEFAULT_RHO = 2e-3
 
@@ -57,7 +57,7 @@ def _weights_per_channel(ctx: MethodContext) -> dict[int, float]:
     return out
 
 
-class Ista(Method):
+class Ista(SparesShare, Method):
     near_zero = 1e-12  # ISTA makes exact zeros
     exact_zeros = True
 
@@ -69,9 +69,10 @@ class Ista(Method):
         self.gammas = [bn.weight for bn in self.bns]
         self.weights = _weights_per_channel(ctx)
         self.lambdas: list[torch.Tensor] | None = None  # per BN, per channel, on the CPU
-        self._on: dict[torch.device, list[torch.Tensor]] = {}
-        self.spared: list[torch.Tensor] | None = None  # per BN, 0 where the shrink is off (see ``spare_strongest``)
-        self._spares: SpareIndex | None = None
+        # steered runs turn the shrink off on each group's kept share (``SparesShare``): the proximal step
+        # subtracts the same τ from every |γ| of a layer, so a strength near the edge zeroes whole layers at
+        # once, a cliff found on the digits CNN (ρ 0.06 kept 0.98, 0.08 zeroed every channel)
+        self._init_spares()  # ``_on``: the per-device λ, spared channels at 0
         self._fmap: dict[int, int] = {}
         self._pixels: int | None = None
         self.prepare_change: float | None = None
@@ -110,17 +111,6 @@ class Ista(Method):
                 a * b for a, b in zip(self.lambdas, self.spared, strict=True)]  # type: ignore[arg-type]
             self._on[device] = [t.to(device) for t in lam]  # type: ignore[union-attr]
         return self._on[device]
-
-    def spare_strongest(self, share: float = 0.0, imp: torch.Tensor | None = None) -> None:
-        """Turn the shrink off on each group's strongest channels (``_util.SpareIndex``: the share the prune
-        target keeps, at least one; the strength controller calls it at each check). The proximal step
-        subtracts the same τ from every |γ| of a layer, so a strength near the edge zeroes whole layers at
-        once, a cliff found on the digits CNN (ρ 0.06 kept 0.98, 0.08 zeroed every channel)."""
-        imp = imp if imp is not None else self.channel_importance(self.ctx.groups)
-        if self._spares is None:  # built once: the controller calls this about a hundred times a run
-            self._spares = SpareIndex(self.ctx.groups, self.bns)
-        self.spared = self._spares.masks(imp, share)
-        self._on.clear()
 
     def prepare(self, model: nn.Module) -> None:
         if self.alpha != 1.0:

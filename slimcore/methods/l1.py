@@ -11,31 +11,21 @@ import torch
 
 from ..spec import MethodSpec
 from . import METHODS, Method, MethodContext
-from ._util import SpareIndex
+from ._util import SparesShare
 
 DEFAULT_LAMBDA = 1e-4  # the paper's VGG value; ResNets used 1e-5
 
 
-class L1(Method):
+class L1(SparesShare, Method):
     def __init__(self, spec: MethodSpec, ctx: MethodContext) -> None:
         self.strength = spec.strength if spec.strength is not None else DEFAULT_LAMBDA
         self.reduce = "mean" if spec.group else "max"
         self.bns = [bn for bn in ctx.bns if bn.weight is not None and bn.weight.requires_grad]
         self.gammas = [bn.weight for bn in self.bns]
         self.ctx = ctx
-        self.spared: list[torch.Tensor] | None = None  # per γ, 0 where the penalty is off (``spare_strongest``)
-        self._spares: SpareIndex | None = None
-        self._on: dict[torch.device, list[torch.Tensor]] = {}
-
-    def spare_strongest(self, share: float = 0.0, imp: torch.Tensor | None = None) -> None:
-        """Steered runs only (the controller calls it at each check): the penalty acts on the channels that are
-        to go, each layer's strongest ``share`` is spared (``_util.SpareIndex``, growing regularization's
-        selective penalty). A γ in no prunable group keeps the penalty, as with a given strength."""
-        imp = imp if imp is not None else self.channel_importance(self.ctx.groups)
-        if self._spares is None:  # built once: the controller calls this about a hundred times a run
-            self._spares = SpareIndex(self.ctx.groups, self.bns)
-        self.spared = self._spares.masks(imp, share)
-        self._on.clear()
+        # steered runs spare each group's kept share (``SparesShare``); a γ in no prunable group keeps the
+        # penalty, as with a given strength
+        self._init_spares()
 
     def after_backward(self) -> None:
         params = [g for g in self.gammas if g.grad is not None]

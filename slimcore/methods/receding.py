@@ -32,7 +32,7 @@ from torch import nn
 
 from ..spec import MethodSpec
 from . import METHODS, Method, MethodContext
-from ._util import BN, SpareIndex, flip_negative, group_bns, output_change
+from ._util import BN, SparesShare, flip_negative, group_bns, output_change
 
 EPS = 1e-4
 S_MAX = 0.9
@@ -116,7 +116,7 @@ def regularizer(w: torch.Tensor, offset: float) -> torch.Tensor:
     return (s * (1 - torch.log(s))).sum()
 
 
-class Receding(Method):
+class Receding(SparesShare, Method):
     # bounded importances on one (0, 1) scale, ranked globally in the paper; measured on the digits CNN at 50%
     # of channels a within-layer cut kept 0.84 right after pruning (0.97 fine-tuned) where the global one
     # kept 0.93 (0.995)
@@ -132,17 +132,7 @@ class Receding(Method):
         self.scale = 1.0
         self.inexact_signs = 0
         self.prepare_change: float | None = None
-        self.spared: list[torch.Tensor] | None = None  # per BN, 0 where the penalty is off (``spare_strongest``)
-        self._spares: SpareIndex | None = None
-        self._on: dict[torch.device, list[torch.Tensor]] = {}
-
-    def spare_strongest(self, share: float = 0.0, imp: torch.Tensor | None = None) -> None:
-        """Steered runs only: the penalty acts on the channels that are to go (``_util.SpareIndex``)."""
-        imp = imp if imp is not None else self.channel_importance(self.ctx.groups)
-        if self._spares is None:  # built once: the controller calls this about a hundred times a run
-            self._spares = SpareIndex(self.ctx.groups, self.bns)
-        self.spared = self._spares.masks(imp, share)
-        self._on.clear()
+        self._init_spares()  # steered runs spare each group's kept share (``SparesShare``)
 
     def prepare(self, model: nn.Module) -> None:
         todo = [bn for bn in self.bns if type(bn) in BOUNDED]
