@@ -379,25 +379,45 @@ def test_the_aim_of_a_uniform_cut_is_the_share_every_layer_must_lose():
 
 
 def test_a_steered_run_stops_once_the_share_holds_after_the_ramp():
-    """``consolidated_stop``: never during the ramp, in a damage episode, or short of the wanted share; it
-    stops once the share near zero has held within 1% over the last tenth of the schedule after the ramp."""
+    """``consolidated_stop``: never during the ramp, in a damage episode, or while the share creeps; it stops
+    once the share near zero has held within 1% over the last tenth of the schedule after the ramp, at the
+    wanted share, or short of it where the importance at the wanted rank holds still too (nothing moves
+    toward the cut: ISTA on the digits CNN held 46% of 52% from 28% of the run to its end)."""
     from slimcore.stages.sparse import consolidated_stop
 
-    def ctl(rows: list[tuple[float, float]], **kw: object) -> SimpleNamespace:
+    def ctl(rows: list[tuple[float, float]], rank: float = 0.05, drift: float = 0.0, **kw: object) -> SimpleNamespace:
         base = {"step": 80, "ramp_steps": 70, "damaged": False, "wary": False, "wanted": 0.52}
-        return SimpleNamespace(trajectory=[{"progress": p, "near_zero": z} for p, z in rows], **{**base, **kw})
+        return SimpleNamespace(trajectory=[{"progress": p, "near_zero": z, "wanted_rank_relative": rank - drift * p}
+                                           for p, z in rows], **{**base, **kw})
 
     steady = [(p / 100, min(0.53, p / 130)) for p in range(1, 91)]  # the ramp reaches 0.53 at 69%, then holds
     record: dict = {}
     assert consolidated_stop(ctl(steady), record)(9)
-    assert record["epoch"] == 9 and "steady" in record["why"]
+    assert record["epoch"] == 9 and "steady" in record["why"] and "short" not in record["why"]
     assert not consolidated_stop(ctl(steady[:75], step=75), {})(7)  # not a tenth of the schedule after the ramp
     assert not consolidated_stop(ctl(steady, damaged=True), {})(9)
     assert not consolidated_stop(ctl(steady, wary=True), {})(9)
-    assert not consolidated_stop(ctl(steady, wanted=0.6), {})(9)  # short of the wanted share
     creeping = steady[:80] + [(p / 100, 0.53 + (p - 80) * 0.002) for p in range(81, 91)]
     assert not consolidated_stop(ctl(creeping), {})(9)
     assert not consolidated_stop(ctl(steady + [(1.0, 0.53)], step=100), {})(10)  # the end: nothing to save
+    # short of the wanted share: the importance at the wanted rank still falling (3% over the window) -> go on
+    assert not consolidated_stop(ctl(steady, wanted=0.6, rank=0.12, drift=0.04), {})(9)
+    short: dict = {}  # ... holding still (under 2%) -> stop, and say it fell short
+    assert consolidated_stop(ctl(steady, wanted=0.6, rank=0.12, drift=0.01), short)(9)
+    assert "short of the 58% wanted" in short["why"]
+
+
+def test_slim_run_ista_default_job_stops_once_nothing_moves(tmp_path, digits, digits_cnn):
+    """Through ``slim run``: a default ISTA job (steered) of 10 epochs stops its sparse training early too.
+    Its near-zero share counts exact zeros only, so it may end short of the wanted share; it then used to
+    train to the last epoch with nothing moving (bench/README, session 14), 1.08-1.11x a bare loop."""
+    report = _slim_run_digits(tmp_path, digits, digits_cnn, {"name": "ista"}, 10)
+    assert report["strength_control"]["used"]
+    assert 7 < report["sparse_training_stopped_early_at"] < 10, report["strength_control"]["trajectory"][-1]
+    assert "steady" in report["sparse_training_stopped_because"] or "moved" in report["sparse_training_stopped_because"]
+    stages = report["stages"]
+    assert stages["pruned"]["accuracy"] >= stages["baseline"]["accuracy"] - 0.03
+    assert report["target"]["achieved"] >= 0.5
 
 
 def test_slim_run_steered_job_stops_early_once_consolidated(tmp_path, digits, digits_cnn):
