@@ -401,10 +401,17 @@ def test_a_steered_run_stops_once_the_share_holds_after_the_ramp():
     assert not consolidated_stop(ctl(creeping), {})(9)
     assert not consolidated_stop(ctl(steady + [(1.0, 0.53)], step=100), {})(10)  # the end: nothing to save
     # short of the wanted share: the importance at the wanted rank still falling (3% over the window) -> go on
-    assert not consolidated_stop(ctl(steady, wanted=0.6, rank=0.12, drift=0.04), {})(9)
+    assert not consolidated_stop(ctl(steady, wanted=0.6, rank=0.16, drift=0.04), {})(9)
     short: dict = {}  # ... holding still (under 2%) -> stop, and say it fell short
     assert consolidated_stop(ctl(steady, wanted=0.6, rank=0.12, drift=0.01), short)(9)
     assert "short of the 58% wanted" in short["why"]
+    # exact zeros (ISTA) still creeping up, short of the share, while every channel up to the wanted rank has
+    # stayed under a tenth of its layer's largest over the window -> stop; one check above a tenth -> go on
+    creeping_short = steady[:80] + [(p / 100, 0.44 + (p - 80) * 0.003) for p in range(81, 91)]
+    under: dict = {}
+    assert consolidated_stop(ctl(creeping_short, rank=0.09, drift=0.05), under)(9)
+    assert "exactly zero" in under["why"]
+    assert not consolidated_stop(ctl(creeping_short, rank=0.15, drift=0.05), {})(9)  # 0.11 at the window start
 
 
 def test_slim_run_ista_default_job_stops_once_nothing_moves(tmp_path, digits, digits_cnn):
