@@ -35,6 +35,14 @@ def run_slim(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def slim_run_report(model: Path, spec: Path, data: Path, out: Path) -> dict:
+    """``slim run`` as a user types it, asserted to succeed; the report it wrote (beside ``out``)."""
+    report = out.with_name(out.name + ".report.json")
+    r = run_slim("run", str(model), "--spec", str(spec), "--data", str(data), "-o", str(out), "--report", str(report))
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(report.read_text())
+
+
 import PIL.Image  # noqa: E402
 
 _PIL_OPEN = PIL.Image.open

@@ -165,9 +165,9 @@ def test_spare_index_picks_each_groups_strongest_share():
         assert 0 < int((torch.cat(got) == 0).sum()) < len(torch.cat(got))
 
 
-@pytest.mark.parametrize("name", ["l1", "group_lasso", "receding"])
+@pytest.mark.parametrize("name", ["l1", "group_lasso", "receding", "polarization"])
 def test_steered_penalties_spare_the_share_each_layer_keeps(name):
-    """L1, group lasso and receding under the controller: the penalty's gradient is zero on each group's
+    """L1, group lasso, receding and polarization under the controller: the penalty's gradient is zero on each group's
     strongest ``floor(share × size)`` channels (by importance: receding's is sigmoid(w)) and unchanged on the
     rest; without a call it reaches every γ."""
     m = _model()

@@ -100,8 +100,10 @@ def test_a_traced_model_reports_its_recalibration(tmp_path, digits, digits_cnn):
     assert acc[True] >= acc[False] - 0.01, acc
 
 
-@pytest.mark.parametrize("method", ["l1", "polarization"])
-def test_a_steered_run_is_cut_within_layers_unless_the_penalty_is_global(tmp_path, digits, digits_cnn, method):
+@pytest.mark.parametrize("method", ["l1", "polarization", "receding"])
+def test_a_steered_run_is_cut_within_layers_unless_importances_share_one_scale(tmp_path, digits, digits_cnn, method):
+    """Steered penalties spare each layer's kept share, so the cut is within each layer (polarization too,
+    since session 14); receding's bounded importances sigmoid(w) share one (0, 1) scale and are cut on it."""
     path = save_model(digits_cnn, "pt2", tmp_path / "m.pt2", torch.zeros(1, 1, 8, 8))
     spec = {"method": {"name": method, "search": "control"}, "sparse_training": {"epochs": 2},
             "prune": {"target": "channels", "amount": 0.5}, "finetune": {"epochs": 0}}
@@ -111,4 +113,4 @@ def test_a_steered_run_is_cut_within_layers_unless_the_penalty_is_global(tmp_pat
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["strength_control"]["used"]
-    assert report["target"]["ranking"] == ("global" if method == "polarization" else "within_layer")
+    assert report["target"]["ranking"] == ("global" if method == "receding" else "within_layer")

@@ -184,7 +184,8 @@ def _check_signature(module: torch.jit.ScriptModule) -> int:
 def import_torchscript(path: Path, input_shape: tuple[int, ...] | None) -> Imported:
     if input_shape is None:
         raise SlimError("input_shape is required for TorchScript models: the file does not record one "
-                        "(give e.g. [1, 3, 224, 224]; input_shapes, one per input, for several inputs)")
+                        "(give e.g. [1, 3, 224, 224]; input_shapes, one per input, for several inputs; with .npz "
+                        "data of one input, x's sample shape is taken when the spec gives none)")
     shapes = io.as_shapes(input_shape) or ()
     if not shapes or any(not s or any(d <= 0 for d in s) for s in shapes):
         raise SlimError(f"input_shape {[list(s) for s in shapes]} must be non-empty with positive sizes")

@@ -48,8 +48,8 @@ class Method:
     # those, instead of importances under a tenth of the starting median.
     exact_zeros: bool = False
     # Whether a run whose strength the controller steered is cut on importance relative to each layer (the
-    # scale the controller steers; slimcore.prune.plan) or on the one global scale: polarization's penalty
-    # ties every γ to the network's mean, and receding's bounded importances share one (0, 1) scale.
+    # scale the controller steers; slimcore.prune.plan) or on the one global scale: receding's bounded
+    # importances share one (0, 1) scale.
     steered_cut_within_layer: bool = True
 
     def prepare(self, model: nn.Module) -> None:

@@ -19,7 +19,9 @@ with the consumers' input columns multiplied back (``_util.rescale``: exact thro
 add, concat; not through SiLU/GELU/sigmoid/ReLU6). The rescale is kept: nothing to undo at finalize.
 
 λ default 1e-4: not from FINDINGS (it gives none); the per-γ push is λ·(t ± 1), about twice L1's 1e-4
-at t = 1.2, the order of the paper's CIFAR settings. Without a spec strength the pilot picks λ.
+at t = 1.2, the order of the paper's CIFAR settings. Without a spec strength the run steers λ
+(slimcore/control.py) and, as for the other methods, the push then spares each layer's strongest kept
+share (``SparesShare``; the mean γ̄ still counts every γ), so the run's cut is within each layer.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from torch import nn
 
 from ..spec import MethodSpec
 from . import METHODS, Method, MethodContext
-from ._util import add_to_grads, flip_negative, group_bns, output_change, rescale
+from ._util import SparesShare, add_to_grads, flip_negative, group_bns, output_change, rescale
 
 DEFAULT_LAMBDA = 1e-4
 
@@ -41,9 +43,7 @@ def penalty(gammas: torch.Tensor, t: float) -> torch.Tensor:
     return t * gammas.abs().sum() - (gammas - gammas.mean()).abs().sum()
 
 
-class Polarization(Method):
-    steered_cut_within_layer = False  # γ̄ is the whole network's mean
-
+class Polarization(SparesShare, Method):
     def __init__(self, spec: MethodSpec, ctx: MethodContext) -> None:
         self.strength = spec.strength if spec.strength is not None else DEFAULT_LAMBDA
         self.t = float(spec.t)
@@ -55,6 +55,7 @@ class Polarization(Method):
         self.inexact_signs = 0
         self.rescaled_by = 1.0
         self.prepare_change: float | None = None
+        self._init_spares()
 
     def prepare(self, model: nn.Module) -> None:
         if not self.bns:
@@ -83,6 +84,10 @@ class Polarization(Method):
         flat = torch.cat([g.detach().reshape(-1) for g in self.gammas])
         away = torch.sign(flat - flat.mean())
         grad = self.t * torch.sign(flat) - away + away.mean()
+        if self.spared is not None:
+            if flat.device not in self._on:
+                self._on[flat.device] = [torch.cat(self.spared).to(flat.device)]
+            grad = grad * self._on[flat.device][0]
         add_to_grads(self.gammas, grad, self.sizes, self.strength)
 
     @torch.no_grad()

@@ -74,6 +74,7 @@ class Report(Stage):
             "output_deviation_per_output": job.removal["per_output"], "output_error_finetuned": job.final,
             "inputs": [{"name": n, "shape": list(s[1:])} for n, s in zip(imported.input_names,
                                                                          imported.input_shapes, strict=True)],
+            "input_shape_from": imported.meta.get("input_shape_from"),  # spec, data (.npz x) or model file
             "outputs": [{"name": n, "shape": list(t.shape[1:])} for n, t in io.named_leaves(before,
                                                                                           imported.output_names)],
             "output_structure": io.structure(before),

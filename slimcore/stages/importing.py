@@ -41,17 +41,28 @@ def load_plugins() -> None:
     EXPORTERS.lazy("onnx", "slimcore.export.onnx")
 
 
-def import_model(path: Path, spec: JobSpec, workdir: Path | None = None) -> Imported:
+def import_model(path: Path, spec: JobSpec, workdir: Path | None = None,
+                 sample_shape: tuple[int, ...] | None = None) -> Imported:
     """Lift the upload: a model file, a folder holding one ``.onnx`` with its data files, or a bundle of
-    them (extracted under ``workdir``); ``meta["bundle"]`` and ``meta["model_file"]`` say which it was."""
+    them (extracted under ``workdir``); ``meta["bundle"]`` and ``meta["model_file"]`` say which it was.
+
+    ``sample_shape``: one sample of the data (an ``.npz``'s ``x`` without its first axis). A TorchScript
+    file records no input shape, and a user who uploads ``x`` of shape (N, 1, 128) has already said it: with
+    no ``input_shape`` in the spec the import takes (1, *sample_shape) rather than refusing the job (the
+    first thing a new user with a traced 1-D CNN met). ``meta["input_shape_from"]`` says where the shape
+    came from (spec, data or the model file), for the report."""
     load_plugins()
     source = open_model(path, workdir)
     fmt = detect_format(source.path)
     if fmt not in IMPORTERS:
         raise SlimError(f"{fmt} models are not supported yet (supported: {', '.join(IMPORTERS.names())})")
     shapes = spec.shapes()
-    imported = IMPORTERS.get(fmt)(source.path, shapes[0] if shapes and len(shapes) == 1 else shapes)
-    imported.meta.update(bundle=source.bundle, model_file=source.path.name)
+    given: Any = shapes[0] if shapes and len(shapes) == 1 else shapes
+    origin = "spec" if shapes else "model"
+    if not shapes and fmt == "torchscript" and sample_shape:
+        given, origin = (1, *sample_shape), "data"
+    imported = IMPORTERS.get(fmt)(source.path, given)
+    imported.meta.update(bundle=source.bundle, model_file=source.path.name, input_shape_from=origin)
     return imported
 
 
@@ -60,8 +71,9 @@ class Import(Stage):
     def run(self, job: JobState, resume: Resume | None) -> None:
         spec = job.spec
         job.say("importing", 0.1, {"step": "lifting the model graph"})
-        with data_sample_shape(peek_npz_sample_shape(job.data_path)):  # checked before the importer allocates
-            job.imported = imported = import_model(job.model_path, spec, job.workdir)
+        sample = peek_npz_sample_shape(job.data_path)
+        with data_sample_shape(sample):  # checked before the importer allocates
+            job.imported = imported = import_model(job.model_path, spec, job.workdir, sample)
         job.model = imported.module
         job.say("importing", 0.4, {"step": "reading the data"})
         def checked(done: int, total: int) -> None:  # the streaming check pass of a large data set
