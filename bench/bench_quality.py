@@ -13,7 +13,9 @@ regularization) in a hand-written loop on the same model, data and epochs (bench
 dependency), pruned to the same channel share.
 
 Models: the digits CNN (scikit-learn digits, 8×8), ResNet-18 on digits upsampled to 3×32×32, and an MLP with
-BatchNorm1d on scikit-learn's breast-cancer table (569 rows, 30 features): data sets a package ships.
+BatchNorm1d on scikit-learn's breast-cancer table (569 rows, 30 features): data sets a package ships; and
+``signal``, a held-out task none of the defaults were tuned on (tests/zoo.py: a 1-D CNN of five Conv1d-BN
+layers on 10 classes of noisy waveforms, uploaded as a traced TorchScript file with no ``input_shape``).
 Run alone on the machine (bench/README.md): .venv/bin/python bench/bench_quality.py [--models digits,cancer]
 [--methods l1,ista,polarization] [--searches pilot,control] [--targets c50,c70,p90] [--sparse 10] [--finetune 5]
 """
@@ -37,7 +39,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_pipeline import bare_loop, digits32  # noqa: E402
 from slimcore.pipeline import run_job  # noqa: E402
 from slimcore.spec import parse_spec  # noqa: E402
-from tests.zoo import digits_npz, make_model, save_model, trained_digits_cnn  # noqa: E402
+from tests.zoo import (  # noqa: E402
+    digits_npz,
+    make_model,
+    save_model,
+    signal_npz,
+    trained_digits_cnn,
+    trained_signal_cnn,
+)
 
 TARGETS = {"c50": {"target": "channels", "amount": 0.5}, "c70": {"target": "channels", "amount": 0.7},
            "p90": {"target": "params", "amount": 0.9}}
@@ -77,6 +86,10 @@ def prepare(name: str, d: Path) -> tuple[Path, Path, nn.Module]:
         return npz, save_model(model, "pt2", d / "digits.pt2", torch.zeros(1, 1, 8, 8)), model
     if name == "cancer":
         return cancer(d)
+    if name == "signal":  # traced TorchScript, no input_shape: the service reads it off the .npz
+        npz = signal_npz(d / "signal.npz")
+        model = trained_signal_cnn(npz)
+        return npz, save_model(model, "trace", d / "signal.pt", torch.zeros(1, 1, 128)), model
     npz = digits32(d)
     data = np.load(npz)
     model = make_model(name)

@@ -14,64 +14,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from tests.conftest import run_slim, slim_run_report, write_spec
-
-LENGTH = 128
-
-
-def _waves(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Classes 0-4: sines of five frequencies; 5-9: square waves of the same; random phase, noise σ 0.8."""
-    y = rng.integers(0, 10, n)
-    t = np.linspace(0, 1, LENGTH)
-    wave = np.sin(2 * np.pi * (2 + (y % 5) * 1.7)[:, None] * t[None] + rng.uniform(0, 2 * np.pi, n)[:, None])
-    x = np.where((y >= 5)[:, None], np.sign(wave), wave) + 0.8 * rng.standard_normal((n, LENGTH))
-    return x[:, None, :].astype("float32"), y.astype("int64")
-
-
-class SignalCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        ch, layers = [1, 16, 32, 32, 64, 64], []
-        for i in range(5):
-            layers += [nn.Conv1d(ch[i], ch[i + 1], 5, padding=2, bias=False), nn.BatchNorm1d(ch[i + 1]), nn.ReLU()]
-            if i % 2:
-                layers.append(nn.MaxPool1d(2))
-        self.features, self.head = nn.Sequential(*layers), nn.Linear(64, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).mean(-1))
+from tests.zoo import SIGNAL_LENGTH as LENGTH
+from tests.zoo import signal_npz, trained_signal_cnn
 
 
 @pytest.fixture(scope="module")
 def signal_task(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(the traced TorchScript file, the .npz): trained to ~0.99 in a few seconds."""
     d = tmp_path_factory.mktemp("signal")
-    rng = np.random.default_rng(1)
-    x, y = _waves(rng, 3000)
-    xv, yv = _waves(rng, 600)
-    np.savez(d / "signal.npz", x=x, y=y, x_val=xv, y_val=yv)
-    torch.manual_seed(0)
-    model = SignalCNN()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    xs, ys = torch.from_numpy(x), torch.from_numpy(y)
-    for _ in range(20):
-        model.train()
-        perm = torch.randperm(len(xs))
-        for i in range(0, len(xs), 64):
-            b = perm[i:i + 64]
-            loss = nn.functional.cross_entropy(model(xs[b]), ys[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
+    npz = signal_npz(d / "signal.npz")
+    model = trained_signal_cnn(npz)
+    data = np.load(npz)
     with torch.no_grad():
-        acc = float((model(torch.from_numpy(xv)).argmax(1).numpy() == yv).mean())
+        acc = float((model(torch.from_numpy(data["x_val"])).argmax(1).numpy() == data["y_val"]).mean())
     assert acc > 0.95, acc  # the task is learnable: a failure below is the service's
     path = d / "signal.ts.pt"
     torch.jit.save(torch.jit.trace(model, torch.zeros(1, 1, LENGTH)), str(path))
-    return path, d / "signal.npz"
+    return path, npz
 
 
 @pytest.mark.parametrize("method", ["l1", "polarization"])
