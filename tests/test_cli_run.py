@@ -59,7 +59,8 @@ def test_digits_slimmed_keeps_accuracy(tmp_path, digits, digits_cnn, fmt):
         assert report["stages"][stage]["latency_ms"] > 0
     took = report["stage_seconds"]  # every stage before the report's own, each within the job's wall time
     assert {"import", "sparse_training", "prune", "finetuning", "export"} <= set(took)
-    assert all(t >= 0 for t in took.values()) and sum(took.values()) <= report["wall_seconds"]
+    # each figure is rounded to the millisecond: the sum of eleven may pass the rounded total by half of one each
+    assert all(t >= 0 for t in took.values()) and sum(took.values()) <= report["wall_seconds"] + 0.0005 * len(took)
     assert took["sparse_training"] > 0
 
 

@@ -87,7 +87,7 @@ def consolidated_stop(ctl: Any, record: dict[str, Any], tol: float = 0.01) -> Ca
     ``STILL``) over that window: after the ramp the strength can only hold or fall, so nothing left in the
     run would move a channel toward the cut. ISTA's share counts exact zeros only; on the digits CNN at 50%
     of channels it held 46% of the 52% wanted from 28% of the run to its end, and trained on to the last
-    epoch for nothing (1.08–1.11× a bare loop; 1.01× with this stop, same accuracy: bench/README, session
+    epoch for nothing (1.08–1.11× a bare loop; 1.01–1.03× with this stop, same accuracy: bench/README, session
     14). The report's reason says it fell short, and the controller's shortfall warning still applies.
 
     A share that counts exact zeros (ISTA) can also fall short while still creeping up: the channels the cut
