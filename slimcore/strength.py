@@ -250,4 +250,3 @@ def plateau_stop(method: Any, gs: Any, record: dict[str, Any], pilot: dict[str, 
         return False
 
     return check
-

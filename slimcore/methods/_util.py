@@ -123,10 +123,11 @@ class SpareIndex:
 
 class SparesShare:
     """``spare_strongest`` for a method whose per-BN masks (``spared``, in ``bns`` order) multiply its push:
-    L1, ISTA, receding. Steered runs only (the strength controller calls it at each check): the penalty acts
-    on the channels that are to go, each group's strongest ``share`` is spared (``SpareIndex``, growing
-    regularization's selective penalty). ``_on`` caches the method's device copies and is cleared here.
-    The method's ``__init__`` calls ``_init_spares``; it has ``ctx``, ``bns`` and ``channel_importance``."""
+    L1, ISTA, receding, polarization. Steered runs only (the strength controller calls it at each check):
+    the penalty acts on the channels that are to go, each group's strongest ``share`` is spared
+    (``SpareIndex``, growing regularization's selective penalty). ``_on`` caches the method's device copies
+    and is cleared here. The method's ``__init__`` calls ``_init_spares``; it has ``ctx``, ``bns`` and
+    ``channel_importance``."""
 
     ctx: Any
     bns: list[nn.Module]

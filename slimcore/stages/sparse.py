@@ -106,14 +106,15 @@ def consolidated_stop(ctl: Any, record: dict[str, Any], tol: float = 0.01) -> Ca
         window = [float(r["near_zero"]) for r in last]
         ranks = [float(r["wanted_rank_relative"]) for r in last]
         share = window[-1]
-        if share < ctl.wanted - 2 * MARGIN and max(ranks) <= RELATIVE:  # exact zeros only (ISTA): see docstring
+        reached = share >= ctl.wanted - 2 * MARGIN
+        if not reached and max(ranks) <= RELATIVE:  # exact zeros only (ISTA): see docstring
             record.update(epoch=epoch, why=f"every channel up to the wanted {ctl.wanted - MARGIN:.0%} under a tenth of "
                                            f"its layer's largest over the last {STEADY:.0%} of the schedule after the "
                                            f"controller's ramp ({share:.0%} exactly zero)")
             return True
         if max(window) - min(window) > tol:
             return False
-        if share >= ctl.wanted - 2 * MARGIN:
+        if reached:
             record.update(epoch=epoch, why=f"{share:.0%} of channels near zero within their layer, steady over the "
                                            f"last {STEADY:.0%} of the schedule after the controller's ramp")
             return True
